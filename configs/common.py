@@ -1,0 +1,103 @@
+"""The one config schema every zoo task uses.
+
+A model config file starts from `base_config()` and changes what it needs; `train.py` rejects
+keys that are not in this schema (a typo never silently becomes a new field) and values of the
+wrong type, before anything is compiled. Field meanings are documented inline.
+
+Launch, big_vision style:
+  python train.py --config configs/vit.py:smoke --workdir /tmp/run --config.total_steps=50
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # --- what to train -----------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.name = ""  # a name from zoo.list_models()
+    c.model.overrides = ml_collections.ConfigDict()  # builder kwargs (num_classes, dtype, ...)
+    c.task = "classification"  # zoo.training.tasks registry: classification (lm, nvs, ... later)
+
+    # --- data --------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "generated"  # generated | image_folder | array_record | tfds
+    c.data.path = ""  # root folder / file glob / TFDS data dir, for non-generated sources
+    c.data.name = ""  # TFDS dataset name (tfds source only)
+    c.data.train_split = "train"
+    c.data.eval_split = "eval"
+    c.data.image_size = 32  # square side the model sees
+    c.data.num_classes = 10
+    c.data.num_train_examples = 2048  # generated source only
+    c.data.num_eval_examples = 512  # generated source only
+    c.data.augment = "flip"  # none | flip | crop_flip (random-resized-crop + flip)
+    c.data.worker_count = 0  # grain worker processes (0 = in the main process)
+    c.data.worker_buffer_size = 2
+    c.data.shuffle = True
+
+    # --- optimisation ------------------------------------------------------------------------
+    c.total_steps = 100
+    c.batch_size = 64  # global batch per optimizer step
+    c.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
+    c.seed = 0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # adamw | lamb | sgd
+    c.optimizer.learning_rate = 1e-3  # peak learning rate
+    c.optimizer.weight_decay = 0.05
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.9  # sgd only
+    c.optimizer.nesterov = False  # sgd only
+    c.optimizer.grad_clip_norm = 1.0  # 0 disables clipping
+    # Parameters whose path matches one of these regexes get no weight decay.
+    c.optimizer.no_decay = ("bias", "scale", "norm", "embed", "pos", "cls", "token")
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "cosine"  # cosine | linear | constant (all after linear warmup)
+    c.schedule.warmup_steps = 10
+    c.schedule.end_factor = 0.0  # final lr = end_factor * learning_rate
+
+    # --- precision ---------------------------------------------------------------------------
+    c.precision = ml_collections.ConfigDict()
+    c.precision.param_dtype = "float32"
+    c.precision.compute_dtype = "float32"  # float32 | bfloat16 (the loss is always f32)
+
+    # --- devices -----------------------------------------------------------------------------
+    c.mesh_shape = (-1, 1, 1)  # one -1 is filled with the remaining devices
+    c.mesh_axes = ("data", "fsdp", "tensor")
+    # The batch is split over these mesh axes.
+    c.data_axes = ("data", "fsdp")
+    # logical axis name (zoo/axes.py) -> mesh axis or tuple of mesh axes; first rule wins;
+    # a dimension that does not divide the mesh axis size is replicated.
+    c.logical_axis_rules = (
+        ("embed", "fsdp"),
+        ("conv_out", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", "tensor"),
+        ("classes", None),
+        ("kv", None),
+        ("conv_in", None),
+        ("norm", None),
+        ("pos", None),
+        ("latents", None),
+    )
+
+    # --- checkpoints, eval, logging ----------------------------------------------------------
+    c.checkpoint_every = 50
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+
+    c.eval_every = 50  # 0 = only at the end
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.num_batches = 0  # 0 = the whole eval split
+
+    c.log_every = 10
+    c.logging = ml_collections.ConfigDict()
+    c.logging.progress_bar = True
+    c.logging.tensorboard = True
+    c.logging.profile_steps = ()  # (first, last) step range for a jax profiler trace
+    return c

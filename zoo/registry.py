@@ -1,0 +1,135 @@
+"""Model registry: `@register_model` in each model file, `create_model`, `list_models`,
+`model_card` (timm's pattern, NNX modules).
+
+A builder is a function `builder(*, rngs: nnx.Rngs, **overrides) -> nnx.Module`. Registration
+records the paper facts the card reports; the parameter count is measured (abstract build, no
+memory) the first time a card is asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nnx.Module]
+    paper: str
+    reference: str
+    default_input: dict[str, tuple[tuple[int, ...], str]]  # input name -> (shape w/o batch, dtype)
+    config: str  # e.g. "configs/vit.py:ti16"
+    tiny: dict[str, Any]  # overrides giving a CPU-sized instance, for the all-models test
+    paper_params: float | None  # millions, as published (None if the paper gives none)
+    notes: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str | None = None, *, paper: str, reference: str,
+                   default_input: dict[str, tuple[tuple[int, ...], str]], config: str,
+                   tiny: dict[str, Any] | None = None, paper_params: float | None = None,
+                   notes: str = ""):
+    """Decorator registering `builder` under `name` (default: the function name)."""
+
+    def decorator(builder):
+        key = name or builder.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model {key!r} is registered twice")
+        _REGISTRY[key] = ModelEntry(key, builder, paper, reference, dict(default_input), config,
+                                    dict(tiny or {}), paper_params, notes)
+        return builder
+
+    return decorator
+
+
+def _entry(name: str) -> ModelEntry:
+    _import_model_files()
+    if name not in _REGISTRY:
+        close = fnmatch.filter(sorted(_REGISTRY), f"*{name.split('_')[0]}*")
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(_REGISTRY)}"
+                         + (f" (did you mean one of {close}?)" if close else ""))
+    return _REGISTRY[name]
+
+
+def create_model(name: str, *, rngs: nnx.Rngs | None = None, abstract: bool = False,
+                 **overrides) -> nnx.Module:
+    """Builds registered model `name`.
+
+    Args:
+        name: a name from `list_models()`.
+        rngs: parameter rngs; default `nnx.Rngs(0)`.
+        abstract: build shapes only (`nnx.eval_shape`): parameters are `jax.ShapeDtypeStruct`s
+            carrying their logical axis names, nothing is allocated. Used for param counts,
+            sharding plans and restoring checkpoints.
+        **overrides: passed to the builder (width, depth, num_classes, dtype, ...).
+    """
+    entry = _entry(name)
+    if rngs is None:
+        rngs = nnx.Rngs(0)
+    if abstract:
+        return nnx.eval_shape(lambda: entry.builder(rngs=rngs, **overrides))
+    return entry.builder(rngs=rngs, **overrides)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    _import_model_files()
+    return sorted(fnmatch.filter(_REGISTRY, pattern))
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (works on abstract models)."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return int(sum(np.prod(x.shape) for x in leaves))
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_params(name: str) -> int:
+    return count_params(create_model(name, abstract=True))
+
+
+def model_card(name: str) -> dict[str, Any]:
+    """Paper, reference code, parameter count (measured), default input and config file."""
+    entry = _entry(name)
+    return {
+            "name": entry.name,
+            "paper": entry.paper,
+            "reference": entry.reference,
+            "params": _measured_params(name),
+            "paper_params_millions": entry.paper_params,
+            "default_input": {k: {"shape": list(s), "dtype": d}
+                              for k, (s, d) in entry.default_input.items()},
+            "config": entry.config,
+            "notes": entry.notes,
+    }
+
+
+def tiny_overrides(name: str) -> dict[str, Any]:
+    """Overrides that make `name` CPU-test sized (used by the all-models test)."""
+    return dict(_entry(name).tiny)
+
+
+def default_input(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    return dict(_entry(name).default_input)
+
+
+# Model files register themselves on import. Listed here (not discovered) so that importing
+# `zoo` stays cheap and a broken model file fails loudly by name.
+_MODEL_MODULES: tuple[str, ...] = (
+        "zoo.vit",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_model_files() -> None:
+    import importlib
+    for module in _MODEL_MODULES:
+        importlib.import_module(module)
