@@ -51,8 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.momentum = 0.9  # sgd only
     c.optimizer.nesterov = False  # sgd only
     c.optimizer.grad_clip_norm = 1.0  # 0 disables clipping
-    # Parameters whose path matches one of these regexes get no weight decay.
-    c.optimizer.no_decay = ("bias", "scale", "norm", "embed", "pos", "cls", "token")
+    # No weight decay on 1-D parameters (biases, norm scales) nor on parameters whose path
+    # ("blocks/0/attn/qkv/kernel") matches one of these regexes (embeddings, tokens, tables).
+    c.optimizer.no_decay = ("pos_emb", "cls_token", "embedding", "rel_pos", "latent")
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"  # cosine | linear | constant (all after linear warmup)
