@@ -18,6 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = ""  # a name from zoo.list_models()
     c.model.overrides = ml_collections.ConfigDict()  # builder kwargs (num_classes, dtype, ...)
     c.task = "classification"  # zoo.training.tasks registry: classification (lm, nvs, ... later)
+    c.label_smoothing = 0.0  # classification training loss only; eval reports plain CE
 
     # --- data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

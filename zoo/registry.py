@@ -27,6 +27,7 @@ class ModelEntry:
     config: str  # e.g. "configs/vit.py:ti16"
     tiny: dict[str, Any]  # overrides giving a CPU-sized instance, for the all-models test
     paper_params: float | None  # millions, as published (None if the paper gives none)
+    paper_params_tolerance: float  # relative; published counts are rounded (5.5M, 86M)
     notes: str
 
 
@@ -36,7 +37,7 @@ _REGISTRY: dict[str, ModelEntry] = {}
 def register_model(name: str | None = None, *, paper: str, reference: str,
                    default_input: dict[str, tuple[tuple[int, ...], str]], config: str,
                    tiny: dict[str, Any] | None = None, paper_params: float | None = None,
-                   notes: str = ""):
+                   paper_params_tolerance: float = 0.02, notes: str = ""):
     """Decorator registering `builder` under `name` (default: the function name)."""
 
     def decorator(builder):
@@ -44,7 +45,8 @@ def register_model(name: str | None = None, *, paper: str, reference: str,
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is registered twice")
         _REGISTRY[key] = ModelEntry(key, builder, paper, reference, dict(default_input), config,
-                                    dict(tiny or {}), paper_params, notes)
+                                    dict(tiny or {}), paper_params, paper_params_tolerance,
+                                    notes)
         return builder
 
     return decorator
@@ -75,7 +77,9 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, abstract: bool = Fa
     if rngs is None:
         rngs = nnx.Rngs(0)
     if abstract:
-        return nnx.eval_shape(lambda: entry.builder(rngs=rngs, **overrides))
+        # rngs goes in as an argument: nnx.eval_shape traces it, a closure would mutate it
+        # from another trace level.
+        return nnx.eval_shape(lambda r: entry.builder(rngs=r, **overrides), rngs)
     return entry.builder(rngs=rngs, **overrides)
 
 
@@ -105,6 +109,7 @@ def model_card(name: str) -> dict[str, Any]:
             "reference": entry.reference,
             "params": _measured_params(name),
             "paper_params_millions": entry.paper_params,
+            "paper_params_tolerance": entry.paper_params_tolerance,
             "default_input": {k: {"shape": list(s), "dtype": d}
                               for k, (s, d) in entry.default_input.items()},
             "config": entry.config,
