@@ -1,0 +1,248 @@
+"""`attention`: the one entry point every zoo model calls — argument validation and dispatch.
+
+Everything a backend kernel may rely on is established here, before anything is traced:
+shapes agree, the bias is 4-D with each dimension full or 1, lengths and segment ids are int32,
+`scale` and `sigmoid_bias` are Python floats, block sizes are powers of two. Backends therefore
+share one internal signature (see `_BACKENDS`) and contain no argument checking of their own.
+Semantics are defined by `kernels_pallas.reference.attention_reference`.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas.reference import attention_reference
+
+IMPLS = ("auto", "pallas", "xla", "interpret")
+LOGITS = ("softmax", "sigmoid")
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+# Pallas kernels per JAX backend: (module, function). Every function takes the normalised
+# arguments `(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, *, causal,
+# scale, logits, sigmoid_bias, block_q, block_k, interpret)`. A Hopper (Mosaic GPU) kernel would
+# be added as another row, selected in `_pallas_kernel` by device capability.
+_BACKENDS = {
+        "gpu": ("kernels_pallas.flash_triton", "gpu_attention"),
+        "tpu": ("kernels_pallas.flash_tpu", "tpu_attention"),
+}
+# impl="interpret" runs the GPU (Triton-style) kernel through the Pallas interpreter: it needs
+# no accelerator, which is what CPU tests use.
+_INTERPRET_BACKEND = "gpu"
+
+
+def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None = None,
+              q_lengths=None, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
+              logits: str = "softmax", sigmoid_bias: float | None = None, impl: str = "auto",
+              block_q: int | None = None, block_k: int | None = None):
+    """Multi-head attention on [batch, seq, heads, head_dim] inputs.
+
+    Args:
+        q: [B, Tq, H, D] queries (float32, bfloat16 or float16).
+        k: [B, Tk, H, D] keys, same dtype as q.
+        v: [B, Tk, H, Dv] values, same dtype as q; Dv may differ from D.
+        bias: additive logits bias, any array broadcastable (numpy rules) to [B, H, Tq, Tk],
+            e.g. [1, H, Tq, Tk] (relative position bias), [B, 1, 1, Tk] or [Tq, Tk]. Its
+            gradient is returned with the bias's own shape.
+        causal: mask keys after the query (j > i), top-left aligned when Tq != Tk.
+        scale: logits scale; default 1/sqrt(D).
+        q_lengths, kv_lengths: int [B]; positions at or after the length are masked out.
+        q_segment_ids, kv_segment_ids: int [B, Tq] / [B, Tk], given together; a query only
+            attends to keys with the same id (packed sequences, block-diagonal attention).
+        logits: "softmax", or "sigmoid" for sigmoid(s + sigmoid_bias) weights without row
+            normalisation (Ramapuram et al. 2024).
+        sigmoid_bias: scalar added to the logits before the sigmoid; default -log(Tk).
+        impl: "pallas" (the kernel for the current backend), "xla" (the pure-jnp reference),
+            "interpret" (the GPU kernel in the Pallas interpreter) or "auto" (pallas on GPU and
+            TPU, xla elsewhere).
+        block_q, block_k: kernel tile sizes (powers of two); default per backend.
+
+    Returns:
+        [B, Tq, H, Dv] in q.dtype. A query row with no valid key returns zeros.
+    """
+    args = normalise_arguments(q, k, v, bias, causal=causal, scale=scale, q_lengths=q_lengths,
+                      kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+                      kv_segment_ids=kv_segment_ids, logits=logits, sigmoid_bias=sigmoid_bias,
+                      impl=impl, block_q=block_q, block_k=block_k)
+    resolved = resolve_impl(impl)
+    (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids), options = args
+    if resolved == "xla":
+        return attention_reference(
+                q, k, v, bias, causal=options["causal"], scale=options["scale"],
+                q_lengths=q_lengths, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+                kv_segment_ids=kv_segment_ids, logits=options["logits"],
+                sigmoid_bias=options["sigmoid_bias"])
+    if resolved == "interpret":
+        kernel, interpret = _kernel_for(_INTERPRET_BACKEND), True
+    else:
+        kernel, interpret = _kernel_for(jax.default_backend()), False
+    return kernel(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                  interpret=interpret, **options)
+
+
+def resolve_impl(impl: str) -> str:
+    """Maps "auto" to "pallas" on GPU/TPU and "xla" elsewhere; checks `impl`."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    backend = jax.default_backend()
+    if impl == "auto":
+        return "pallas" if backend in _BACKENDS else "xla"
+    if impl == "pallas" and backend not in _BACKENDS:
+        raise ValueError(f"impl='pallas' needs a GPU or TPU backend, this process runs on "
+                         f"{backend!r}; use impl='interpret' (the GPU kernel, interpreted) or "
+                         f"impl='xla' on CPU")
+    return impl
+
+
+def _kernel_for(backend: str):
+    module_name, function_name = _BACKENDS[backend]
+    # Imported lazily: a backend's kernel module may import backend-only Pallas modules.
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def _shape_str(x) -> str:
+    if x is None:
+        return "None"
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        return repr(x)
+    return f"{tuple(x.shape)} {x.dtype}"
+
+
+def _concrete(x):
+    """`x` as a NumPy array, or None when it is traced (its value unknown until run time)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def _python_float(name: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    host = _concrete(value) if hasattr(value, "dtype") else None
+    if host is not None and host.ndim == 0 and jnp.issubdtype(host.dtype, jnp.floating):
+        return float(host)
+    raise ValueError(f"{name} must be a concrete Python/NumPy scalar (it is a static kernel "
+                     f"constant), got {type(value).__name__} {_shape_str(value)}")
+
+
+def _block_size(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be None or a positive power of two, got {value!r}")
+    value = int(value)
+    if value <= 0 or value & (value - 1):
+        raise ValueError(f"{name} must be None or a positive power of two, got {value}")
+    return value
+
+
+def _lengths(name: str, value, batch: int, seq: int, seq_name: str):
+    if value is None:
+        return None
+    value = jnp.asarray(value)
+    if not jnp.issubdtype(value.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of shape ({batch},), got "
+                         f"{_shape_str(value)}")
+    if value.shape != (batch,):
+        raise ValueError(f"{name} must have shape (batch,) = ({batch},), got {value.shape}")
+    host = _concrete(value)
+    if host is not None:
+        if host.min(initial=0) < 0 or host.max(initial=0) > seq:
+            raise ValueError(f"{name} must lie in [0, {seq_name}={seq}], got {host.tolist()}")
+    return value.astype(jnp.int32)
+
+
+def _segment_ids(name: str, value, batch: int, seq: int, seq_name: str):
+    value = jnp.asarray(value)
+    if not jnp.issubdtype(value.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of shape (batch, {seq_name}) = "
+                         f"({batch}, {seq}), got {_shape_str(value)}")
+    if value.shape != (batch, seq):
+        raise ValueError(f"{name} must have shape (batch, {seq_name}) = ({batch}, {seq}), got "
+                         f"{value.shape}")
+    return value.astype(jnp.int32)
+
+
+def _bias(bias, full_shape):
+    """Returns the bias as a 4-D array whose dims are each full-size or 1 (numpy broadcast)."""
+    if bias is None:
+        return None
+    if not hasattr(bias, "shape"):
+        bias = jnp.asarray(bias)
+    dtype = jnp.result_type(bias)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"bias must be a float array, got {_shape_str(bias)}")
+    shape = tuple(bias.shape)
+    message = (f"bias of shape {shape} is not broadcastable to [batch, heads, Tq, Tk] = "
+               f"{list(full_shape)}")
+    if len(shape) > 4:
+        raise ValueError(message)
+    padded = (1,) * (4 - len(shape)) + shape
+    if any(size not in (1, full) for size, full in zip(padded, full_shape)):
+        raise ValueError(message)
+    return jnp.reshape(bias, padded)
+
+
+def normalise_arguments(q, k, v, bias, *, causal, scale, q_lengths, kv_lengths, q_segment_ids,
+               kv_segment_ids, logits, sigmoid_bias, impl, block_q, block_k):
+    """Validates every argument; returns (arrays, static options) in kernel form."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if logits not in LOGITS:
+        raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or len(x.shape) != 4:
+            raise ValueError(f"{name} must be a 4-D array [batch, seq, heads, head_dim], got "
+                             f"{_shape_str(x)}")
+        if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must have dtype float32, bfloat16 or float16, got "
+                             f"{x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, "
+                         f"v {v.dtype}")
+    batch, tq, heads, head_dim = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[2] != heads or v.shape[2] != heads:
+        raise ValueError(f"head counts differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"q and k head_dim differ: q {q.shape}, k {k.shape}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"k and v sequence lengths differ: k {k.shape}, v {v.shape}")
+    tk = k.shape[1]
+    if min(tq, tk, head_dim, v.shape[3]) == 0:
+        raise ValueError(f"empty sequence or head_dim: q {q.shape}, k {k.shape}, v {v.shape}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else _python_float("scale", scale)
+    if logits == "sigmoid":
+        sigmoid_bias = (-math.log(tk) if sigmoid_bias is None
+                        else _python_float("sigmoid_bias", sigmoid_bias))
+    elif sigmoid_bias is not None:
+        raise ValueError(f"sigmoid_bias is only used with logits='sigmoid', got "
+                         f"sigmoid_bias={sigmoid_bias!r} with logits={logits!r}")
+
+    bias = _bias(bias, (batch, heads, tq, tk))
+    q_lengths = _lengths("q_lengths", q_lengths, batch, tq, "Tq")
+    kv_lengths = _lengths("kv_lengths", kv_lengths, batch, tk, "Tk")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError(f"q_segment_ids and kv_segment_ids must be given together, got "
+                         f"q_segment_ids {_shape_str(q_segment_ids)} and kv_segment_ids "
+                         f"{_shape_str(kv_segment_ids)}")
+    if q_segment_ids is not None:
+        q_segment_ids = _segment_ids("q_segment_ids", q_segment_ids, batch, tq, "Tq")
+        kv_segment_ids = _segment_ids("kv_segment_ids", kv_segment_ids, batch, tk, "Tk")
+
+    options = dict(causal=bool(causal), scale=scale, logits=logits, sigmoid_bias=sigmoid_bias,
+                   block_q=_block_size("block_q", block_q),
+                   block_k=_block_size("block_k", block_k))
+    arrays = (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids)
+    return arrays, options
