@@ -59,7 +59,9 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
         impl: "pallas" (the kernel for the current backend), "xla" (the pure-jnp reference),
             "interpret" (the GPU kernel in the Pallas interpreter) or "auto" (pallas on GPU and
             TPU, xla elsewhere).
-        block_q, block_k: kernel tile sizes (powers of two); default per backend.
+        block_q, block_k: kernel tile sizes (powers of two); default per backend. On TPU
+            block_q must also be >= 8 (16 for 16-bit dtypes) and block_k a multiple of 128,
+            unless one block covers the whole sequence.
 
     Returns:
         [B, Tq, H, Dv] in q.dtype. A query row with no valid key returns zeros.
