@@ -26,6 +26,7 @@ class ModelEntry:
     default_input: dict[str, tuple[tuple[int, ...], str]]  # input name -> (shape w/o batch, dtype)
     config: str  # e.g. "configs/vit.py:ti16"
     tiny: dict[str, Any]  # overrides giving a CPU-sized instance, for the all-models test
+    tiny_input: dict[str, tuple[tuple[int, ...], str]]  # that instance's input (default_input)
     paper_params: float | None  # millions, as published (None if the paper gives none)
     paper_params_tolerance: float  # relative; published counts are rounded (5.5M, 86M)
     notes: str
@@ -37,7 +38,8 @@ _REGISTRY: dict[str, ModelEntry] = {}
 def register_model(name: str | None = None, *, paper: str, reference: str,
                    default_input: dict[str, tuple[tuple[int, ...], str]], config: str,
                    tiny: dict[str, Any] | None = None, paper_params: float | None = None,
-                   paper_params_tolerance: float = 0.02, notes: str = ""):
+                   paper_params_tolerance: float = 0.02, notes: str = "",
+                   tiny_input: dict[str, tuple[tuple[int, ...], str]] | None = None):
     """Decorator registering `builder` under `name` (default: the function name)."""
 
     def decorator(builder):
@@ -45,8 +47,8 @@ def register_model(name: str | None = None, *, paper: str, reference: str,
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is registered twice")
         _REGISTRY[key] = ModelEntry(key, builder, paper, reference, dict(default_input), config,
-                                    dict(tiny or {}), paper_params, paper_params_tolerance,
-                                    notes)
+                                    dict(tiny or {}), dict(tiny_input or default_input),
+                                    paper_params, paper_params_tolerance, notes)
         return builder
 
     return decorator
@@ -122,6 +124,11 @@ def tiny_overrides(name: str) -> dict[str, Any]:
     return dict(_entry(name).tiny)
 
 
+def tiny_input(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Input of the `tiny_overrides` instance (a smaller image where the model allows it)."""
+    return dict(_entry(name).tiny_input)
+
+
 def default_input(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
     return dict(_entry(name).default_input)
 
@@ -130,6 +137,7 @@ def default_input(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
 # `zoo` stays cheap and a broken model file fails loudly by name.
 _MODEL_MODULES: tuple[str, ...] = (
         "zoo.vit",
+    "zoo.halonet",
 )
 
 

@@ -8,8 +8,8 @@ A model file that registers a variant is tested here without anyone writing a ne
   * the full-size variant builds abstractly (shapes only) and its parameter count is within the
     tolerance of the published count, when the paper gives one.
 
-Inputs come from the registry's `default_input` (name -> (shape without batch, dtype)). A model
-with one input is called as `model(x)`, one with several as `model(**inputs)`.
+Inputs come from the registry's `tiny_input` (name -> (shape without batch, dtype); defaults to
+`default_input`). A model with one input is called as `model(x)`, one with several as `model(**inputs)`.
 Budget: each tiny case should stay under 5 s on a 2-core CPU.
 """
 import jax
@@ -32,7 +32,7 @@ DEFAULT_PAPER_PARAMS_RTOL = 0.02
 def make_inputs(name: str, seed: int = 0) -> dict[str, jax.Array]:
     inputs = {}
     rng = np.random.default_rng(seed)
-    for key, (shape, dtype) in registry.default_input(name).items():
+    for key, (shape, dtype) in registry.tiny_input(name).items():
         full_shape = (BATCH, *shape)
         if jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             inputs[key] = jnp.asarray(rng.standard_normal(full_shape), dtype=dtype)

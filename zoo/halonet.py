@@ -1,0 +1,664 @@
+"""HaloNet H0-H7 (Vaswani et al., CVPR 2021, "Scaling Local Self-Attention for Parameter
+Efficient Visual Backbones", arXiv:2103.12731): a ResNet whose 3x3 convolutions are replaced by
+blocked local self-attention with a halo (`kernels_pallas.halo`).
+
+There is no official code. Layer structure, names and initialisation follow timm's
+`halonet_h1` (`timm/models/byoanet.py`, blocks from `byobnet.py:SelfAttnBlock`, attention from
+`timm/layers/halo_attn.py:HaloAttn`), so that timm weights map one to one
+(`zoo.convert.from_timm("halonet_h1", state_dict)`):
+
+  stem      7x7/2 conv (64) - BN - ReLU - 3x3/2 max-pool (pad 1)
+  stage i   depths[i] blocks, stride 1 for stage 0 and 2 for the others (first block only):
+              shortcut: identity, or 1x1 conv (strided) - BN when the shape changes
+              conv1    1x1 conv in -> mid, BN, ReLU
+              attn     halo attention, mid -> value width (see "Attention conventions")
+              post     BN, ReLU (on the value width)
+              conv3    1x1 conv value -> out, BN (scale zero-initialised: `zero_init_last`)
+              out      ReLU(drop_path(branch) + shortcut)
+  final     optional 1x1 conv to `final_features` (df) - BN - ReLU
+  head      global average pool - dropout - linear
+
+Attention conventions (timm `HaloAttn`, all reproduced here):
+  * q = 1x1 conv (mid -> heads*dk), kv = 1x1 conv (mid -> heads*(dk+dv)), both without bias;
+    the q conv is strided (applied to x[::s, ::s]) when the block splits evenly by the stride,
+    otherwise attention runs at full resolution and is followed by 2x2 average pooling.
+  * Channel layout is head-major: q channel h*dk + c is head h; the kv channels are
+    *per-head interleaved*: h*(dk+dv) + [0, dk) are head h's keys, the next dv its values (not
+    "all keys, then all values"). The attention output channel h*dv + c is head h.
+  * Relative logits q.rel_h[dy] + q.rel_w[dx] (tables (2*win-1) x dk, shared across heads) are
+    added to scale * q.k and NOT scaled; the zero-padded halo outside the image is NOT masked.
+  * No output projection inside attention: post-BN-ReLU and conv3 play that role.
+
+Width mapping (the paper's rv, rb; base widths (64, 128, 256, 512) per stage): conv1 reduces
+to mid = base (which is also the query/key width), attention values and the post-attention BN
+have base*rv channels, and block outputs have base*rb channels. This reading reproduces all
+eight published parameter counts within 0.4% (H0 5.50M, H1 8.10M, H2 9.40M, H3 11.84M,
+H4 19.10M, H5 30.72M, H6 43.46M, H7 67.43M). The other published reading (early timm
+`halo_cfg`: the whole bottleneck is base*rv wide) gives 71M/109M/200M for H5-H7, far from the
+paper, so it is not used. For H1 (rv = rb = 1) both readings are timm's `halonet_h1`
+(8,100,056 parameters, matched exactly). Heads: 8 in every stage (as timm; a per-stage tuple
+is accepted, the paper's value is not stated in the text we could check).
+
+Image sizes: every stage's feature map must split into block x block tiles, i.e. the image
+side must be a multiple of 2^(stages+1) * block (32 * block for four stages). This holds at
+the paper's resolutions for H0-H6. H7's published 600 px (b = 10) cannot be tiled (600/32 is
+not an integer; the paper does not say how it pads), so `halonet_h7` defaults to 640 px, the
+nearest larger valid size.
+
+Initialisation is timm's (section "Initialisation" below); BatchNorm follows torch exactly,
+running statistics included. The only layout difference from timm is NHWC (timm is NCHW):
+conv weights [out, in, kh, kw] load as [kh, kw, in, out], with no channel permutation.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kernels_pallas import halo as halo_ops
+from zoo import layers
+from zoo.axes import with_axes
+from zoo.registry import register_model
+
+CONV_AXES = (None, None, "conv_in", "conv_out")
+STEM_STRIDE = 4  # 7x7/2 conv, then 3x3/2 max-pool
+BASE_WIDTHS = (64, 128, 256, 512)
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """timm's channel rounding: nearest multiple of `divisor`, never more than 10% below."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation. timm's ByobNet: convs N(0, 2 / fan_out) (He, fan-out, not truncated), the
+# classifier N(0, 0.01^2), BN scale 1 (0 for each block's last BN), bias 0; HaloAttn: q and kv
+# std fan_in^-0.5, relative tables std dk^-0.5 (timm's trunc_normal_ cuts at +-2 absolute,
+# many standard deviations away: untruncated in practice).
+#
+# All random weights of a HaloNet come from ONE jitted call (`_draw_normals`) and constants
+# from NumPy: eagerly, every distinct shape drawn separately costs an XLA compilation (about
+# 0.1-1 s each on a CPU, dozens per model), and inside `nnx.eval_shape` every `nnx.Rngs` draw
+# costs time proportional to the trace length (flax 0.12.8). Layers therefore take their
+# initial values as arrays instead of drawing them.
+# ---------------------------------------------------------------------------------------------
+
+WeightSpec = tuple[tuple[int, ...], float]  # (shape, standard deviation)
+
+
+def _conv_spec(kernel_size: int, in_channels: int, out_channels: int) -> WeightSpec:
+    fan_out = kernel_size * kernel_size * out_channels
+    return (kernel_size, kernel_size, in_channels, out_channels), (2.0 / fan_out) ** 0.5
+
+
+@functools.partial(jax.jit, static_argnames="specs")
+def _draw_normals(key: jax.Array, specs: tuple[WeightSpec, ...]) -> tuple[jax.Array, ...]:
+    # One draw cut into pieces: each separate normal() adds a PRNG kernel to compile.
+    sizes = [int(np.prod(shape)) for shape, _ in specs]
+    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    offsets = np.cumsum([0] + sizes)
+    return tuple(std * flat[start:start + size].reshape(shape)
+                 for start, size, (shape, std) in zip(offsets, sizes, specs))
+
+
+def _given(value) -> Any:
+    """An initializer that returns `value`, so parameters still go through `with_axes`."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        if tuple(shape) != tuple(value.shape):
+            raise ValueError(f"initial value of shape {tuple(value.shape)} cannot fill a "
+                             f"parameter of shape {tuple(shape)}")
+        return value if value.dtype == dtype else value.astype(dtype)
+
+    return init
+
+
+def _param(value, axes: Sequence[str | None], dtype) -> nnx.Param:
+    return nnx.Param(with_axes(_given(value), axes)(None, tuple(value.shape), dtype))
+
+
+def _constant(features: int, fill: float, dtype) -> jax.Array:
+    # Host-side constant: a device_put, no XLA compilation.
+    return jnp.asarray(np.full((features,), fill, np.float32), dtype=dtype)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the channel (last) axis with torch's `BatchNorm2d` semantics.
+
+    eps 1e-5; running statistics move 10% towards each training batch (torch momentum 0.1),
+    and the running variance takes the unbiased batch variance, as torch does, so statistics
+    trained here and in timm evolve identically. Statistics are computed in float32 and the
+    output is cast to `dtype`. Running mean/var are `nnx.BatchStat` state. (`nnx.BatchNorm`
+    differs in the running variance and draws random keys for its constant initialisers.)
+    """
+
+    def __init__(self, features: int, *, zero_scale: bool = False, momentum: float = 0.1,
+                 eps: float = 1e-5, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+        self.scale = _param(_constant(features, 0.0 if zero_scale else 1.0, param_dtype),
+                            ("norm",), param_dtype)
+        self.bias = _param(_constant(features, 0.0, param_dtype), ("norm",), param_dtype)
+        self.mean = nnx.BatchStat(_constant(features, 0.0, jnp.float32))
+        self.var = nnx.BatchStat(_constant(features, 1.0, jnp.float32))
+        self.momentum, self.eps, self.dtype = momentum, eps, dtype
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axis=axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            count = x.size // x.shape[-1]
+            unbiased = var * (count / max(count - 1, 1))
+            self.mean[...] = (1 - self.momentum) * self.mean[...] + self.momentum * mean
+            self.var[...] = (1 - self.momentum) * self.var[...] + self.momentum * unbiased
+        else:
+            mean, var = self.mean[...], self.var[...]
+        scale = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
+        y = (x32 - mean) * scale + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Conv2d(nnx.Module):
+    """k x k convolution on NHWC maps, kernel [k, k, in, out] given as its initial value;
+    torch's symmetric (k - 1) // 2 padding, so strided convs sample the same pixels as timm."""
+
+    def __init__(self, kernel: jax.Array, stride: int = 1, *, use_bias: bool = False,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+        kernel_size, _, _, out_channels = kernel.shape
+        self.kernel = _param(kernel, CONV_AXES, param_dtype)
+        self.bias = (_param(_constant(out_channels, 0.0, param_dtype), ("conv_out",),
+                            param_dtype) if use_bias else None)
+        pad = (kernel_size - 1) // 2
+        self.padding = ((pad, pad), (pad, pad))
+        self.stride = stride
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                window_strides=(self.stride, self.stride), padding=self.padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class ConvBN(nnx.Module):
+    """Convolution without bias, BatchNorm, optional ReLU (timm's ConvNormAct)."""
+
+    def __init__(self, kernel: jax.Array, stride: int = 1, *, act: bool = True,
+                 zero_init_scale: bool = False, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32):
+        self.conv = Conv2d(kernel, stride, dtype=dtype, param_dtype=param_dtype)
+        self.bn = BatchNorm(kernel.shape[-1], zero_scale=zero_init_scale, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.act = act
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        x = self.bn(self.conv(x), train=train)
+        return jax.nn.relu(x) if self.act else x
+
+
+class HaloAttention(nnx.Module):
+    """timm's `HaloAttn` on NHWC maps: q and kv 1x1 convs, then `kernels_pallas.halo_attention`.
+
+    Args:
+        weights: initial values "q" [1, 1, dim, heads*dk], "kv" [1, 1, dim, heads*(dk+dv)],
+            "height_rel" and "width_rel" [2*(b+2h)-1, dk] (see `HaloBlock.weight_specs`).
+        num_heads, block_size, halo_size, stride: see `kernels_pallas.halo`.
+        qkv_bias: biases on the q and kv convs (timm default False).
+        avg_down: down-sample by average pooling even when the block splits by the stride.
+        scale_relative: scale the relative logits too (timm's `scale_pos_embed`).
+        attn_impl: `halo_attention` implementation.
+    """
+
+    def __init__(self, weights: Mapping[str, jax.Array], *, num_heads: int, block_size: int,
+                 halo_size: int, stride: int = 1, qkv_bias: bool = False,
+                 avg_down: bool = False, scale_relative: bool = False,
+                 attn_impl: str = "auto", dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32):
+        qk_dim = weights["q"].shape[-1]
+        self.num_heads = num_heads
+        self.head_dim = qk_dim // num_heads
+        self.value_head_dim = (weights["kv"].shape[-1] - qk_dim) // num_heads
+        self.block_size, self.halo_size, self.stride = block_size, halo_size, stride
+        self.avg_down, self.scale_relative, self.attn_impl = avg_down, scale_relative, attn_impl
+        self.scale = self.head_dim ** -0.5
+        self.dtype = dtype
+        common = dict(use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype)
+        # A strided 1x1 conv == the 1x1 conv of x[::s, ::s]: timm's strided query projection.
+        self.q = Conv2d(weights["q"], halo_ops.query_stride(block_size, stride, avg_down),
+                        **common)
+        self.kv = Conv2d(weights["kv"], **common)
+        self.height_rel = _param(weights["height_rel"], ("pos", "kv"), param_dtype)
+        self.width_rel = _param(weights["width_rel"], ("pos", "kv"), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, _ = x.shape
+        q = self.q(x)
+        q = q.reshape(*q.shape[:3], self.num_heads, self.head_dim)
+        # Per-head interleaved [k_h | v_h] channels (timm's layout), split after the reshape.
+        kv = self.kv(x).reshape(batch, height, width, self.num_heads,
+                                self.head_dim + self.value_head_dim)
+        k, v = kv[..., :self.head_dim], kv[..., self.head_dim:]
+        out = halo_ops.halo_attention(
+                q, k, v, self.height_rel[...].astype(self.dtype),
+                self.width_rel[...].astype(self.dtype), block=self.block_size,
+                halo=self.halo_size, stride=self.stride, scale=self.scale,
+                scale_relative=self.scale_relative, avg_down=self.avg_down,
+                impl=self.attn_impl)
+        return out.reshape(*out.shape[:3], self.num_heads * self.value_head_dim)
+
+
+class HaloBlock(nnx.Module):
+    """Bottleneck with halo attention in place of the 3x3 conv (timm's SelfAttnBlock).
+
+    `weights` holds the initial values named in `weight_specs` (same arguments).
+    """
+
+    @staticmethod
+    def weight_specs(in_channels: int, out_channels: int, *, mid_channels: int,
+                     value_channels: int, stride: int, num_heads: int, block_size: int,
+                     halo_size: int) -> dict[str, WeightSpec]:
+        head_dim = mid_channels // num_heads
+        win = block_size + 2 * halo_size
+        specs = {
+                "conv1": _conv_spec(1, in_channels, mid_channels),
+                "q": ((1, 1, mid_channels, mid_channels), mid_channels ** -0.5),
+                "kv": ((1, 1, mid_channels, mid_channels + value_channels),
+                       mid_channels ** -0.5),
+                "height_rel": ((2 * win - 1, head_dim), head_dim ** -0.5),
+                "width_rel": ((2 * win - 1, head_dim), head_dim ** -0.5),
+                "conv3": _conv_spec(1, value_channels, out_channels),
+        }
+        if in_channels != out_channels or stride != 1:
+            specs["shortcut"] = _conv_spec(1, in_channels, out_channels)
+        return specs
+
+    def __init__(self, weights: Mapping[str, jax.Array], *, stride: int, num_heads: int,
+                 block_size: int, halo_size: int, qkv_bias: bool, avg_down: bool,
+                 scale_relative: bool, zero_init_last: bool, drop_path_rate: float,
+                 attn_impl: str, dtype: Any, param_dtype: Any):
+        common = dict(dtype=dtype, param_dtype=param_dtype)
+        self.shortcut = (ConvBN(weights["shortcut"], stride, act=False, **common)
+                         if "shortcut" in weights else None)
+        self.conv1 = ConvBN(weights["conv1"], **common)
+        self.attn = HaloAttention(weights, num_heads=num_heads, block_size=block_size,
+                                  halo_size=halo_size, stride=stride, qkv_bias=qkv_bias,
+                                  avg_down=avg_down, scale_relative=scale_relative,
+                                  attn_impl=attn_impl, **common)
+        self.post_attn = BatchNorm(weights["kv"].shape[-1] - weights["q"].shape[-1], **common)
+        self.conv3 = ConvBN(weights["conv3"], act=False, zero_init_scale=zero_init_last,
+                            **common)
+        self.drop_path = layers.DropPath(drop_path_rate)
+
+    def __call__(self, x: jax.Array, *, train: bool = False,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        shortcut = x if self.shortcut is None else self.shortcut(x, train=train)
+        y = self.conv1(x, train=train)
+        y = jax.nn.relu(self.post_attn(self.attn(y), train=train))
+        y = self.drop_path(self.conv3(y, train=train), train=train, rngs=rngs)
+        return jax.nn.relu(y + shortcut)
+
+
+def _int_tuple(name: str, value, length: int | None = None, minimum: int = 1) -> tuple:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and length:
+        value = (value,) * length
+    if not isinstance(value, (tuple, list)) or not value:
+        raise ValueError(f"{name} must be a non-empty sequence of integers >= {minimum}, got "
+                         f"{value!r}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < minimum:
+            raise ValueError(f"{name} must be a sequence of integers >= {minimum}, got "
+                             f"{value!r}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} must have one entry per stage ({length}), got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def _image_hw(image_size) -> tuple[int, int]:
+    if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    return _int_tuple("image_size", image_size, 2)
+
+
+def valid_image_multiple(*, block_size: int, num_stages: int) -> int:
+    """Image sides must be multiples of this: total stride times the block size.
+
+    Sufficient for every stage: the last stage's map (image / total stride) splits into blocks,
+    and each earlier map is a power-of-two multiple of it.
+    """
+    return STEM_STRIDE * 2 ** (num_stages - 1) * block_size
+
+
+class HaloNet(nnx.Module):
+    """HaloNet classifier on NHWC images (see the module docstring for structure/conventions).
+
+    Args:
+        image_size: int or (height, width) the model is built for; each side must be a
+            multiple of `valid_image_multiple(...)` (32 * block_size for four stages).
+            Parameters do not depend on it; inputs of any valid size are accepted.
+        depths: blocks per stage.
+        stage_widths: block output channels per stage (base * rb).
+        mid_widths: 1x1-reduced width per stage, also the query/key width (base).
+        value_widths: attention value/output width per stage (base * rv).
+        block_size, halo_size: halo attention block b and halo h (all stages).
+        num_heads: attention heads, one int or one per stage.
+        stem_width: stem channels.
+        final_features: width of the final 1x1 conv (the paper's df); 0 = none.
+        num_classes: classifier outputs; 0 = no head (`__call__` returns pooled features).
+        in_chans: image channels.
+        qkv_bias, avg_down, scale_relative: attention options (`HaloAttention`).
+        zero_init_last: zero-init the scale of each block's last BN (timm default).
+        drop_path_rate: stochastic depth, rising linearly over all blocks to this rate.
+        head_dropout_rate: dropout before the classifier.
+        attn_impl: `kernels_pallas.halo.halo_attention` implementation.
+        dtype: compute dtype; param_dtype: storage dtype.
+    """
+
+    def __init__(self, *, image_size: int | Sequence[int] = 256,
+                 depths: Sequence[int] = (3, 3, 10, 3),
+                 stage_widths: Sequence[int] = BASE_WIDTHS,
+                 mid_widths: Sequence[int] = BASE_WIDTHS,
+                 value_widths: Sequence[int] = BASE_WIDTHS, block_size: int = 8,
+                 halo_size: int = 3, num_heads: int | Sequence[int] = 8,
+                 stem_width: int = 64, final_features: int = 0,
+                 num_classes: int = 1000, in_chans: int = 3, qkv_bias: bool = False,
+                 avg_down: bool = False, scale_relative: bool = False,
+                 zero_init_last: bool = True, drop_path_rate: float = 0.0,
+                 head_dropout_rate: float = 0.0, attn_impl: str = "auto",
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        # Everything is checked before the first parameter is created.
+        depths = _int_tuple("depths", depths)
+        num_stages = len(depths)
+        stage_widths = _int_tuple("stage_widths", stage_widths, num_stages)
+        mid_widths = _int_tuple("mid_widths", mid_widths, num_stages)
+        value_widths = _int_tuple("value_widths", value_widths, num_stages)
+        heads = _int_tuple("num_heads", num_heads, num_stages)
+        block_size = layers.check_positive_int(block_size, "block_size")
+        if isinstance(halo_size, bool) or not isinstance(halo_size, numbers.Integral) or \
+                halo_size < 0:
+            raise ValueError(f"halo_size must be an integer >= 0, got {halo_size!r}")
+        for i, (mid, value, h) in enumerate(zip(mid_widths, value_widths, heads)):
+            if mid % h or value % h:
+                raise ValueError(f"stage {i}: mid width {mid} and value width {value} must "
+                                 f"be divisible by num_heads={h}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0 = no head), got "
+                             f"{num_classes!r}")
+        if isinstance(final_features, bool) or not isinstance(final_features, int) or \
+                final_features < 0:
+            raise ValueError(f"final_features must be an integer >= 0 (0 = no final conv), "
+                             f"got {final_features!r}")
+        stem_width = layers.check_positive_int(stem_width, "stem_width")
+        in_chans = layers.check_positive_int(in_chans, "in_chans")
+        drop_path_rate = layers.check_rate(drop_path_rate, "drop_path_rate")
+        self.head_dropout_rate = layers.check_rate(head_dropout_rate, "head_dropout_rate")
+        if attn_impl not in halo_ops.HALO_IMPLS:
+            raise ValueError(f"attn_impl must be one of {halo_ops.HALO_IMPLS}, got "
+                             f"{attn_impl!r}")
+        self.image_multiple = valid_image_multiple(block_size=block_size,
+                                                   num_stages=num_stages)
+        self.image_size = _image_hw(image_size)
+        self._check_image_size(self.image_size, "image_size")
+        self.dtype = layers.canonical_dtype(dtype)
+        param_dtype = layers.canonical_dtype(param_dtype, "param_dtype")
+        common = dict(dtype=self.dtype, param_dtype=param_dtype)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+
+        # Plan every block, collect the shapes of all random weights, draw them in one call.
+        total_blocks = sum(depths)
+        plans = []
+        in_channels = stem_width
+        for i, depth in enumerate(depths):
+            for j in range(depth):
+                plans.append(dict(stage=i, in_channels=in_channels, out_channels=stage_widths[i],
+                                  mid_channels=mid_widths[i], value_channels=value_widths[i],
+                                  stride=2 if i > 0 and j == 0 else 1, num_heads=heads[i]))
+                in_channels = stage_widths[i]
+        self.num_features = final_features or in_channels
+        specs = {"stem": _conv_spec(7, in_chans, stem_width)}
+        for index, plan in enumerate(plans):
+            block_specs = HaloBlock.weight_specs(
+                    plan["in_channels"], plan["out_channels"],
+                    mid_channels=plan["mid_channels"], value_channels=plan["value_channels"],
+                    stride=plan["stride"], num_heads=plan["num_heads"],
+                    block_size=block_size, halo_size=halo_size)
+            specs.update({(index, name): spec for name, spec in block_specs.items()})
+        if final_features:
+            specs["final_conv"] = _conv_spec(1, in_channels, final_features)
+        if num_classes:
+            specs["head"] = ((self.num_features, num_classes), 0.01)
+        values = dict(zip(specs, _draw_normals(rngs.params(), tuple(specs.values()))))
+
+        self.stem = ConvBN(values["stem"], 2, **common)
+        stages = [[] for _ in depths]
+        for index, plan in enumerate(plans):
+            weights = {key[1]: value for key, value in values.items()
+                       if isinstance(key, tuple) and key[0] == index}
+            stages[plan["stage"]].append(HaloBlock(
+                    weights, stride=plan["stride"], num_heads=plan["num_heads"],
+                    block_size=block_size, halo_size=halo_size, qkv_bias=qkv_bias,
+                    avg_down=avg_down, scale_relative=scale_relative,
+                    zero_init_last=zero_init_last,
+                    drop_path_rate=drop_path_rate * index / max(total_blocks - 1, 1),
+                    attn_impl=attn_impl, **common))
+        self.stages = nnx.List([nnx.List(blocks) for blocks in stages])
+        self.final_conv = ConvBN(values["final_conv"], **common) if final_features else None
+        self.head = (layers.Linear(self.num_features, num_classes, axes=("embed", "classes"),
+                                   kernel_init=_given(values["head"]),
+                                   bias_init=_given(_constant(num_classes, 0.0, jnp.float32)),
+                                   dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+                     if num_classes else None)
+
+    def _check_image_size(self, hw: tuple[int, int], name: str) -> None:
+        multiple = self.image_multiple
+        if hw[0] % multiple or hw[1] % multiple:
+            low = max(multiple, hw[0] // multiple * multiple)
+            raise ValueError(
+                    f"{name} must have height and width that are multiples of {multiple} "
+                    f"(total stride x block_size, so that every stage's feature map splits "
+                    f"into halo blocks), got {hw[0]}x{hw[1]}; nearest valid sides: {low}, "
+                    f"{low + multiple}")
+
+    def _check_input(self, x: jax.Array) -> None:
+        if x.ndim != 4 or x.shape[-1] != self.in_chans:
+            raise ValueError(f"HaloNet expects NHWC images [batch, height, width, "
+                             f"{self.in_chans}], got shape {tuple(x.shape)}")
+        self._check_image_size(tuple(x.shape[1:3]), "input image")
+
+    def _stem(self, x: jax.Array, train: bool) -> jax.Array:
+        x = self.stem(x.astype(self.dtype), train=train)
+        # -inf padding, as torch's MaxPool2d(3, 2, padding=1).
+        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    def _stage_indices(self, indices) -> list[int]:
+        count = len(self.stages)
+        if indices is None:
+            return list(range(count))
+        if isinstance(indices, int) and not isinstance(indices, bool):
+            if not 1 <= indices <= count:
+                raise ValueError(f"indices as an int takes the last n stages, n in "
+                                 f"[1, {count}], got {indices}")
+            return list(range(count - indices, count))
+        wanted = []
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
+                raise ValueError(f"indices must be stage indices in [-{count}, {count}), got "
+                                 f"{list(indices)!r}")
+            wanted.append(i % count)
+        return wanted
+
+    def forward_intermediates(self, x: jax.Array, *, indices: int | Sequence[int] | None = None,
+                              train: bool = False, rngs: nnx.Rngs | None = None
+                              ) -> tuple[jax.Array, list[jax.Array]]:
+        """Stage outputs, timm-style.
+
+        Args:
+            indices: None = every stage; an int n = the last n stages; a sequence = those stage
+                indices (negative counts from the end).
+
+        Returns:
+            (the `forward_features` map, list of [B, H_i, W_i, stage_widths[i]] stage outputs,
+            before the final conv).
+        """
+        self._check_input(x)
+        wanted = self._stage_indices(indices)
+        x = self._stem(x, train)
+        maps = []
+        for i, stage in enumerate(self.stages):
+            for block in stage:
+                x = block(x, train=train, rngs=rngs)
+            if i in wanted:
+                maps.append(x)
+        if self.final_conv is not None:
+            x = self.final_conv(x, train=train)
+        return x, maps
+
+    def forward_features(self, x: jax.Array, *, train: bool = False,
+                         rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Images [B, H, W, C] -> map [B, H/s, W/s, num_features], s = 2^(stages+1)."""
+        self._check_input(x)
+        x = self._stem(x, train)
+        for stage in self.stages:
+            for block in stage:
+                x = block(x, train=train, rngs=rngs)
+        if self.final_conv is not None:
+            x = self.final_conv(x, train=train)
+        return x
+
+    def forward_head(self, x: jax.Array, *, pre_logits: bool = False, train: bool = False,
+                     rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Feature map -> logits [B, num_classes] (pooled features if pre_logits/no head)."""
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+        pooled = layers.dropout(pooled, self.head_dropout_rate, train=train, rngs=rngs)
+        if pre_logits or self.head is None:
+            return pooled
+        return self.head(pooled)
+
+    def __call__(self, x: jax.Array, *, train: bool = False,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        return self.forward_head(self.forward_features(x, train=train, rngs=rngs),
+                                 train=train, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered variants: the paper's H0-H7 table (b, h, rv, rb, stage depths, df, image size).
+# ---------------------------------------------------------------------------------------------
+
+VARIANTS: dict[str, dict[str, Any]] = {
+        "h0": dict(block_size=8, halo_size=3, rv=1.0, rb=0.5, depths=(3, 3, 7, 3),
+                   final_features=0, image_size=256),
+        "h1": dict(block_size=8, halo_size=3, rv=1.0, rb=1.0, depths=(3, 3, 10, 3),
+                   final_features=0, image_size=256),
+        "h2": dict(block_size=8, halo_size=3, rv=1.0, rb=1.25, depths=(3, 3, 11, 3),
+                   final_features=0, image_size=256),
+        "h3": dict(block_size=10, halo_size=3, rv=1.0, rb=1.5, depths=(3, 3, 12, 3),
+                   final_features=1024, image_size=320),
+        "h4": dict(block_size=12, halo_size=2, rv=1.0, rb=3.0, depths=(3, 3, 12, 3),
+                   final_features=1280, image_size=384),
+        "h5": dict(block_size=14, halo_size=2, rv=2.5, rb=2.0, depths=(3, 3, 23, 3),
+                   final_features=1536, image_size=448),
+        "h6": dict(block_size=8, halo_size=4, rv=3.0, rb=2.75, depths=(3, 3, 24, 3),
+                   final_features=1536, image_size=512),
+        # Paper: 600 px, which b = 10 cannot tile (module docstring); 640 is the nearest.
+        "h7": dict(block_size=10, halo_size=3, rv=4.0, rb=3.5, depths=(3, 3, 26, 3),
+                   final_features=2048, image_size=640),
+}
+PAPER_PARAMS = {"h0": 5.5, "h1": 8.1, "h2": 9.4, "h3": 11.8, "h4": 19.1, "h5": 30.7,
+                "h6": 43.4, "h7": 67.4}
+PAPER_TOP1 = {"h0": 77.9, "h1": 79.9, "h2": 80.4, "h3": 81.9, "h4": 83.3, "h5": 84.0,
+              "h6": 84.4, "h7": 84.9}
+
+MODEL_ARGS = tuple(name for name in inspect.signature(HaloNet.__init__).parameters
+                   if name not in ("self", "rngs"))
+# Widths are given through the paper's multipliers, never directly, so the two cannot clash.
+_WIDTH_ARGS = ("stage_widths", "mid_widths", "value_widths")
+BUILDER_ARGS = tuple(n for n in MODEL_ARGS if n not in _WIDTH_ARGS) + ("rv", "rb",
+                                                                         "base_widths")
+
+
+def stage_widths_from_multipliers(rv: float, rb: float,
+                                  base_widths: Sequence[int] = BASE_WIDTHS) -> dict[str, tuple]:
+    """The paper's rv/rb multipliers as per-stage widths (module docstring, "Width mapping")."""
+    for name, value in (("rv", rv), ("rb", rb)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    base = _int_tuple("base_widths", base_widths)
+    return dict(stage_widths=tuple(make_divisible(b * rb) for b in base),
+                mid_widths=tuple(make_divisible(b) for b in base),
+                value_widths=tuple(make_divisible(b * rv) for b in base))
+
+
+def _build(variant: str, rngs: nnx.Rngs, overrides: dict[str, Any]) -> HaloNet:
+    unknown = sorted(set(overrides) - set(BUILDER_ARGS))
+    if unknown:
+        raise ValueError(f"unknown halonet_{variant} argument(s) {unknown}; allowed: "
+                         f"{list(BUILDER_ARGS)}")
+    args = {**VARIANTS[variant], **overrides}
+    base_widths = args.pop("base_widths", BASE_WIDTHS)
+    if isinstance(base_widths, (tuple, list)) and isinstance(args["depths"], (tuple, list)) \
+            and len(base_widths) != len(args["depths"]):
+        raise ValueError(f"base_widths {tuple(base_widths)} and depths {tuple(args['depths'])} "
+                         f"must have one entry per stage each")
+    widths = stage_widths_from_multipliers(args.pop("rv"), args.pop("rb"), base_widths)
+    return HaloNet(**args, **widths, rngs=rngs)
+
+
+_PAPER = ("Vaswani, Ramachandran, Srinivas, Parmar, Hechtman, Shlens 2021, Scaling Local "
+          "Self-Attention for Parameter Efficient Visual Backbones (CVPR), arXiv:2103.12731")
+_REFERENCE = ("timm timm/layers/halo_attn.py (HaloAttn) and timm/models/byoanet.py "
+              "(halonet_h1); no official code")
+# CPU-sized: full-size input (the all-models test feeds default_input), two narrow one-block
+# stages (one plain, one strided block); block and halo stay the paper's so each variant's
+# tiling is still exercised. Most of its test time is XLA compiling the attention gradient.
+_TINY = dict(base_widths=(8, 16), depths=(1, 1), stem_width=8, num_heads=2, num_classes=10)
+
+
+def _register(variant: str):
+    spec = VARIANTS[variant]
+    size = spec["image_size"]
+    notes = (f"b={spec['block_size']}, h={spec['halo_size']}, rv={spec['rv']}, "
+             f"rb={spec['rb']}, depths={spec['depths']}, df={spec['final_features'] or '-'}, "
+             f"{size}px; paper: {PAPER_PARAMS[variant]}M params, ImageNet top-1 "
+             f"{PAPER_TOP1[variant]}.")
+    if variant == "h1":
+        notes += " Identical to timm halonet_h1 (8,100,056 params); loads its weights."
+    if variant == "h7":
+        notes += " The paper's 600 px cannot be tiled by b=10; defaults to 640 px."
+
+    def builder(*, rngs: nnx.Rngs, **overrides) -> HaloNet:
+        return _build(variant, rngs, overrides)
+
+    builder.__name__ = f"halonet_{variant}"
+    builder.__doc__ = f"HaloNet-{variant.upper()}: {notes}"
+    register_model(f"halonet_{variant}", paper=_PAPER, reference=_REFERENCE,
+                   default_input={"image": ((size, size, 3), "float32")},
+                   config=f"configs/halonet.py:{variant}",
+                   # Two tiny stages (total stride 8) need maps divisible by the block size.
+                   tiny=dict(_TINY, image_size=8 * spec["block_size"]),
+                   tiny_input={"image": ((8 * spec["block_size"],) * 2 + (3,), "float32")},
+                   paper_params=PAPER_PARAMS[variant], paper_params_tolerance=0.015,
+                   notes=notes)(builder)
+    return builder
+
+
+halonet_h0 = _register("h0")
+halonet_h1 = _register("h1")
+halonet_h2 = _register("h2")
+halonet_h3 = _register("h3")
+halonet_h4 = _register("h4")
+halonet_h5 = _register("h5")
+halonet_h6 = _register("h6")
+halonet_h7 = _register("h7")
