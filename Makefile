@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= workdirs/demo
-DEMO_CONFIG ?= configs/vit.py:smoke
+DEMO_CONFIG ?= configs/halonet.py:smoke
 PYTEST_ARGS ?=
 
 .PHONY: install demo test clean
@@ -23,7 +23,7 @@ demo: install
 
 # The full suite; pytest's exit status is make's, so any failure fails the target.
 test: install
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) workdirs *.egg-info

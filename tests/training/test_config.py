@@ -1,0 +1,134 @@
+"""Config validation: each kind of mistake is one ConfigError line naming the field, the value
+and what is allowed, raised before anything is compiled."""
+from __future__ import annotations
+
+import ml_collections
+import pytest
+
+from training_helpers import tiny_config
+from zoo.training.config import ConfigError, validate_config
+
+
+def _error(config, num_devices=8, num_processes=1) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_config(config, num_devices=num_devices, num_processes=num_processes)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_the_tiny_config_is_valid():
+    assert validate_config(tiny_config(), num_devices=8) == (8, 1, 1)
+    assert validate_config(tiny_config(mesh_shape=(2, -1, 2)), num_devices=8) == (2, 2, 2)
+
+
+def test_unknown_key_is_named():
+    config = tiny_config()
+    config.data.imgae_size = 32  # typo
+    message = _error(config)
+    assert "config.data.imgae_size is not a known config field" in message
+    assert "image_size" in message  # the allowed keys are listed
+
+
+def test_unknown_top_level_key():
+    config = tiny_config()
+    config.learning_rate = 0.1
+    assert "config.learning_rate is not a known config field" in _error(config)
+
+
+def test_wrong_type_is_named():
+    config = tiny_config()
+    with config.ignore_type():  # as a config file building its own ConfigDict could
+        config.batch_size = "64"
+    assert "config.batch_size='64' has type str; expected int" in _error(config)
+
+
+def test_bool_is_not_an_int():
+    config = tiny_config()
+    with config.ignore_type():
+        config.total_steps = True
+    assert "config.total_steps=True has type bool; expected int" in _error(config)
+
+
+def test_model_overrides_are_free_form():
+    config = tiny_config()
+    config.model.overrides.drop_path_rate = 0.1
+    assert validate_config(config, num_devices=8) == (8, 1, 1)
+
+
+def test_batch_not_divisible_by_data_axes():
+    message = _error(tiny_config(batch_size=12, mesh_shape=(8, 1, 1)))
+    assert "config.batch_size=12 must be divisible by the data-parallel size (8" in message
+
+
+def test_batch_not_divisible_by_grad_accum():
+    message = _error(tiny_config(batch_size=16, grad_accum_steps=3, mesh_shape=(2, 1, 4)))
+    assert "config.batch_size=16" in message and "grad_accum_steps (3)" in message
+
+
+def test_mesh_larger_than_the_devices():
+    message = _error(tiny_config(mesh_shape=(16, 1, 1)))
+    assert "config.mesh_shape=(16, 1, 1) is invalid" in message and "8 available" in message
+
+
+def test_mesh_shape_not_matching_the_device_count():
+    message = _error(tiny_config(mesh_shape=(2, 2, 1)))
+    assert "config.mesh_shape=(2, 2, 1) is invalid" in message
+
+
+def test_mesh_with_fixed_sizes_not_dividing_the_devices():
+    assert "config.mesh_shape=(3, -1, 1)" in _error(tiny_config(mesh_shape=(3, -1, 1)))
+
+
+def test_data_axis_not_in_the_mesh():
+    message = _error(tiny_config(data_axes=("batch",)))
+    assert "config.data_axes=('batch',) is invalid" in message
+
+
+def test_rule_naming_an_unknown_mesh_axis():
+    config = tiny_config(logical_axis_rules=(("embed", "model"),))
+    assert "names mesh axis 'model'" in _error(config)
+
+
+def test_image_size_incompatible_with_the_model():
+    config = tiny_config()
+    config.model.overrides.image_size = 18
+    config.data.image_size = 18  # 18 is not divisible by the 4-pixel patches
+    message = _error(config)
+    assert message.startswith("config.model: vit_ti16 with overrides")
+    assert "18" in message
+
+
+def test_model_overrides_disagreeing_with_the_data():
+    config = tiny_config()
+    config.data.image_size = 32
+    message = _error(config)
+    assert "config.model.overrides.image_size=16 must equal config.data.image_size=32" in message
+
+
+def test_unknown_model_name():
+    assert "config.model.name='vit_nope' is invalid" in _error(tiny_config(**{
+            "model.name": "vit_nope"}))
+
+
+def test_unknown_task():
+    assert "config.task='segmentation' is not a registered task" in _error(tiny_config(
+            task="segmentation"))
+
+
+def test_bad_compute_dtype():
+    message = _error(tiny_config(**{"precision.compute_dtype": "float8"}))
+    assert "config.precision.compute_dtype='float8' is invalid" in message
+
+
+def test_missing_data_path():
+    config = tiny_config(**{"data.source": "image_folder", "data.path": "/nonexistent/images"})
+    message = _error(config)
+    assert "data.path" in message and "/nonexistent/images" in message
+
+
+def test_schema_rejects_a_replaced_subtree():
+    config = tiny_config()
+    with config.unlocked():
+        config.eval = ml_collections.ConfigDict({"batch_size": 16})
+    assert "config.eval.num_batches is missing" in _error(config)

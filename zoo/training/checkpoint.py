@@ -1,0 +1,195 @@
+"""Checkpoints (orbax) and preemption.
+
+Each checkpoint step holds two items: "state", the train-state dict {"model", "optimizer",
+"step"}, and "data_iter", the grain iterator position, so a resumed run sees exactly the
+batches an uninterrupted run would have seen. Orbax writes each step into a temporary directory
+and renames it when complete, so a process killed mid-save leaves no half checkpoint behind.
+
+Restoring is always against an abstract target that carries the shardings of the current mesh,
+which is what lets a checkpoint written on one mesh (or host count of devices) load on another.
+If the newest checkpoint cannot be read (files truncated or deleted by hand), the loop falls
+back to the newest readable one and moves the broken step aside, since orbax would otherwise
+refuse to write that step number again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+STATE, DATA_ITER = "state", "data_iter"
+
+
+class _IteratorSnapshot:
+    """The data iterator's position captured when `save` is called.
+
+    Saves may complete in a background thread after the loop has moved on; the saved position
+    must be the one that matches the saved train state, not wherever the iterator is by then.
+    grain's checkpoint handler stores the bytes `get_state` returns for objects that are not
+    grain DatasetIterators (JSON here).
+    """
+
+    def __init__(self, state: Any):
+        self._encoded = json.dumps(state, indent=4).encode()
+
+    def get_state(self) -> bytes:
+        return self._encoded
+
+
+class _IteratorRestorer:
+    """Hands a restored position to the loop's iterator through its own `set_state`, so the
+    iterator can drop anything it had already prefetched."""
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def set_state(self, encoded: bytes) -> None:
+        self._iterator.set_state(json.loads(encoded))
+
+    def start_prefetch(self) -> None:
+        """grain's handler calls this after set_state; prefetching is the iterator's business."""
+
+
+class Checkpointer:
+    """Periodic, final and preemption saves plus restore-with-fallback for one run directory."""
+
+    def __init__(self, directory: str, *, keep: int, async_save: bool,
+                 quarantine_dir: str | None = None):
+        self.directory = os.path.abspath(directory)
+        self.quarantine_dir = quarantine_dir or os.path.join(os.path.dirname(self.directory),
+                                                             "corrupt_checkpoints")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(
+                self.directory, item_names=(STATE, DATA_ITER), options=options,
+                item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                               DATA_ITER: grain.checkpoint.CheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iterator) -> None:
+        """Starts writing `state` and the position of `data_iterator` (anything with
+        get_state() -> JSON-able dict) as checkpoint `step`."""
+        snapshot = _IteratorSnapshot(data_iterator.get_state())
+        self.manager.save(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardSave(state),
+                DATA_ITER: grain.checkpoint.CheckpointSave(snapshot)}), force=True)
+
+    def restore_latest(self, target, data_iterator) -> tuple[int, Any] | None:
+        """Restores the newest readable checkpoint onto `target`'s shardings.
+
+        `data_iterator.set_state` receives the saved position. Returns (step, state), or None
+        when the directory has no checkpoint. Unreadable newer
+        checkpoints are reported with a warning and moved to `quarantine_dir`. If none is
+        readable the first error is raised and nothing is moved (that usually means the config
+        no longer matches the checkpoints, not that all of them are corrupt).
+        """
+        failed: list[tuple[int, BaseException]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                        STATE: ocp.args.StandardRestore(target),
+                        DATA_ITER: grain.checkpoint.CheckpointRestore(
+                                _IteratorRestorer(data_iterator))}))
+            except Exception as error:  # noqa: BLE001  (any read failure: fall back)
+                failed.append((step, error))
+                continue
+            for bad_step, error in failed:
+                logging.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
+                                "falling back to step %d and moving it to %s", bad_step,
+                                self.directory, type(error).__name__,
+                                " ".join(str(error).split())[:300], step, self.quarantine_dir)
+                self._quarantine(bad_step)
+            return step, restored[STATE]
+        if failed:
+            step, error = failed[0]
+            raise RuntimeError(f"no checkpoint in {self.directory} can be restored; the newest "
+                               f"(step {step}) failed with {type(error).__name__}: "
+                               f"{' '.join(str(error).split())[:500]}") from error
+        return None
+
+    def _quarantine(self, step: int) -> None:
+        if jax.process_index() == 0:
+            os.makedirs(self.quarantine_dir, exist_ok=True)
+            source = os.path.join(self.directory, str(step))
+            destination = os.path.join(self.quarantine_dir, str(step))
+            if os.path.exists(destination):
+                shutil.rmtree(destination)
+            shutil.move(source, destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self.manager.reload()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when orbax's multi-host preemption notice says to save at `step`."""
+        return bool(self.manager.reached_preemption(step))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_model_only(directory: str, model_target, step: int | None = None
+                       ) -> tuple[int, Any]:
+    """Reads only the "model" subtree of checkpoint `step` (default: newest) onto
+    `model_target`'s shardings: no optimizer state is read, and any mesh can load it."""
+    reader = ocp.CheckpointManager(
+            os.path.abspath(directory), item_names=(STATE,),
+            item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        steps = sorted(reader.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {directory}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ValueError(f"--step={step} has no checkpoint in {directory}; available: "
+                             f"{steps}")
+        target = {"model": model_target}
+        restored = reader.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.PyTreeRestore(
+                        item=target, partial_restore=True,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target))}))
+        return step, restored[STATE]["model"]
+    finally:
+        reader.close()
+
+
+class PreemptionFlag:
+    """Set by SIGTERM; the loop checks it at step boundaries, saves, and exits cleanly.
+
+    The handler only sets a flag: saving from inside a signal handler would race the step in
+    flight.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self._event = threading.Event()
+        self.signal_name = ""
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
