@@ -103,3 +103,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging.tensorboard = True
     c.logging.profile_steps = ()  # (first, last) step range for a jax profiler trace
     return c
+
+
+def parse_arg(arg: str | None, *, file: str, defaults: dict[str, str],
+              allowed: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Parses a config argument, big_vision style: "h1" or "variant=h1,data=image_folder".
+
+    A bare item sets "variant". `defaults` lists every option a config file takes; `allowed`
+    restricts the values of some of them. Errors name the file, the option and what is allowed.
+    """
+    options = dict(defaults)
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            key, value = "variant", item
+        if key not in options:
+            raise ValueError(f"unknown {file} option {key!r} in {arg!r}; allowed: "
+                             f"{sorted(options)} (e.g. {file}:variant={allowed['variant'][-1]})")
+        options[key] = value
+    for key, values in allowed.items():
+        if options[key] not in values:
+            raise ValueError(f"{file} {key} must be one of {values}, got {options[key]!r}")
+    return options

@@ -51,22 +51,9 @@ _DROP_PATH = {"h0": 0.0, "h1": 0.0, "h2": 0.05, "h3": 0.1, "h4": 0.1, "h5": 0.15
 
 def parse_arg(arg: str | None) -> dict[str, str]:
     """Parses "smoke", "h1" or "variant=h1,data=image_folder" (big_vision style)."""
-    options = {"variant": "smoke", "data": "tfds"}
-    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            key, value = "variant", item
-        if key not in options:
-            raise ValueError(f"unknown configs/halonet.py option {key!r} in {arg!r}; allowed: "
-                             f"{sorted(options)} (e.g. configs/halonet.py:variant=h1)")
-        options[key] = value
-    if options["variant"] not in VARIANTS:
-        raise ValueError(f"configs/halonet.py variant must be one of {VARIANTS}, got "
-                         f"{options['variant']!r}")
-    if options["data"] not in DATA_SOURCES:
-        raise ValueError(f"configs/halonet.py data must be one of {DATA_SOURCES}, got "
-                         f"{options['data']!r}")
-    return options
+    return common.parse_arg(arg, file="configs/halonet.py",
+                            defaults={"variant": "smoke", "data": "tfds"},
+                            allowed={"variant": VARIANTS, "data": DATA_SOURCES})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -43,19 +43,8 @@ _DEIT_LABEL_SMOOTHING = 0.1
 
 def parse_arg(arg: str | None) -> dict[str, str]:
     """Parses "smoke" or "variant=smoke" (comma-separated key=value, as big_vision does)."""
-    options = {"variant": "smoke"}
-    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            key, value = "variant", item
-        if key not in options:
-            raise ValueError(f"unknown configs/vit.py option {key!r} in {arg!r}; allowed: "
-                             f"{sorted(options)} (e.g. configs/vit.py:variant=s16)")
-        options[key] = value
-    if options["variant"] not in VARIANTS:
-        raise ValueError(f"configs/vit.py variant must be one of {VARIANTS}, got "
-                         f"{options['variant']!r}")
-    return options
+    return common.parse_arg(arg, file="configs/vit.py", defaults={"variant": "smoke"},
+                            allowed={"variant": VARIANTS})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
