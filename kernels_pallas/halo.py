@@ -1,10 +1,19 @@
 """Halo attention (HaloNet, Vaswani et al. 2021): blocked local self-attention on 2-D maps.
 
 The entry point is `halo_attention`; `halo_attention_reference` is the pure-jnp oracle every
-future kernel is tested against, and the `impl="xla"` path. A fused Pallas kernel will sit
-behind the same function (planned: one b x b query block per tile, its haloed K/V window read
-from a pre-padded map). The reference unfolds windows with slices (no gathers) and computes
-in float32 at Precision.HIGHEST, which makes it exact but not fast on GPUs.
+kernel is tested against, and the `impl="xla"` path. The reference unfolds windows with slices
+(no gathers) and computes in float32 at Precision.HIGHEST, which makes it exact but not fast on
+GPUs. The fused Pallas kernels sit behind the same function, one per backend in `_BACKENDS`
+(kernels_pallas/halo_triton.py for GPUs, kernels_pallas/halo_tpu.py for TPUs); each reads a
+query block's haloed key/value window straight from the zero-padded map, so the ~(win/b)^2
+unfolded copy of K/V is never written to HBM, and computes the relative logits in the kernel.
+
+Kernel contract (what a `_BACKENDS` function receives, after `check_halo_arguments`):
+    kernel(q, k, v, rel_h, rel_w, *, block, halo, q_stride, scale, scale_relative,
+           interpret) -> [B, H/q_stride, W/q_stride, heads, dv] in q.dtype
+i.e. attention at the query resolution only; the average pooling of the `q_stride == 1,
+stride > 1` mode is applied here, in XLA, after the kernel. Kernels are differentiable
+(custom_vjp) in q, k, v, rel_h and rel_w.
 
 Semantics (timm's `HaloAttn`, `timm/layers/halo_attn.py`, reproduced exactly so timm weights
 map one to one):
@@ -44,7 +53,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HALO_IMPLS = ("auto", "xla")
+HALO_IMPLS = ("auto", "xla", "pallas", "interpret")
+# backend -> (module, function) of its fused kernel; imported lazily because a backend's kernel
+# module may import backend-only Pallas modules.
+_BACKENDS = {
+        "gpu": ("kernels_pallas.halo_triton", "gpu_halo_attention"),
+        "tpu": ("kernels_pallas.halo_tpu", "tpu_halo_attention"),
+}
+# The kernel "interpret" runs (the Pallas interpreter works on any backend, including CPU).
+_INTERPRET_BACKEND = "gpu"
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -134,16 +151,53 @@ def halo_attention(q, k, v, rel_h, rel_w, *, block: int, halo: int, stride: int 
         scale: logits scale, default dk ** -0.5.
         scale_relative: also multiply the relative logits by `scale`.
         avg_down: always down-sample by average pooling, never by strided queries.
-        impl: "xla" (pure jnp, `halo_attention_reference`) or "auto" (currently "xla").
+        impl: "xla" (pure jnp, `halo_attention_reference`), "pallas" (the fused kernel of
+            the current backend), "interpret" (the GPU kernel in the Pallas interpreter, any
+            backend) or "auto" (pallas on GPU and TPU, xla elsewhere).
 
     Returns:
         [B, H/stride, W/stride, heads, dv] in q.dtype.
     """
+    resolved = resolve_halo_impl(impl)
+    if resolved == "xla":
+        return halo_attention_reference(q, k, v, rel_h, rel_w, block=block, halo=halo,
+                                        stride=stride, scale=scale,
+                                        scale_relative=scale_relative, avg_down=avg_down)
+    options = check_halo_arguments(q, k, v, rel_h, rel_w, block=block, halo=halo,
+                                   stride=stride, scale=scale, avg_down=avg_down)
+    backend = _INTERPRET_BACKEND if resolved == "interpret" else jax.default_backend()
+    module_name, function_name = _BACKENDS[backend]
+    import importlib
+    kernel = getattr(importlib.import_module(module_name), function_name)
+    out = kernel(q, k, v, rel_h, rel_w, block=options["block"], halo=options["halo"],
+                 q_stride=options["q_stride"], scale=options["scale"],
+                 scale_relative=bool(scale_relative), interpret=resolved == "interpret")
+    return _average_pool(out, options["stride"], options["q_stride"])
+
+
+def resolve_halo_impl(impl: str) -> str:
+    """"auto" -> "pallas" on GPU/TPU, "xla" elsewhere; checks the value and the backend."""
     if impl not in HALO_IMPLS:
         raise ValueError(f"impl must be one of {HALO_IMPLS}, got {impl!r}")
-    return halo_attention_reference(q, k, v, rel_h, rel_w, block=block, halo=halo,
-                                    stride=stride, scale=scale,
-                                    scale_relative=scale_relative, avg_down=avg_down)
+    backend = jax.default_backend()
+    if impl == "auto":
+        return "pallas" if backend in _BACKENDS else "xla"
+    if impl == "pallas" and backend not in _BACKENDS:
+        raise ValueError(f"impl='pallas' needs a GPU or TPU backend, this process runs on "
+                         f"{backend!r}; use impl='interpret' (the GPU kernel, interpreted) or "
+                         f"impl='xla'")
+    return impl
+
+
+def _average_pool(out, stride: int, q_stride: int):
+    """The down-sampling of strided attention when queries were not subsampled: mean over
+    non-overlapping stride x stride windows of the full-resolution output."""
+    if stride == 1 or q_stride != 1:
+        return out
+    batch, height, width, heads, value_dim = out.shape
+    pooled = out.astype(jnp.float32).reshape(batch, height // stride, stride, width // stride,
+                                             stride, heads, value_dim).mean(axis=(2, 4))
+    return pooled.astype(out.dtype)
 
 
 def _unfold_axis(x, axis: int, block: int, halo: int):
@@ -255,7 +309,4 @@ def _reference_core(q, k, v, rel_h, rel_w, *, block, halo, stride, q_stride, sca
     out = out.reshape(batch, blocks_h, blocks_w, heads, query_block, query_block, value_dim)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6).reshape(
             batch, blocks_h * query_block, blocks_w * query_block, heads, value_dim)
-    if stride > 1 and q_stride == 1:
-        out = out.reshape(batch, height // stride, stride, width // stride, stride, heads,
-                          value_dim).mean(axis=(2, 4))
-    return out.astype(q.dtype)
+    return _average_pool(out, stride, q_stride).astype(q.dtype)

@@ -1,0 +1,81 @@
+"""Shared machinery of the weight converters in this package.
+
+A converter reads a `state_dict` (name -> array; torch tensors are accepted too, without
+importing torch), builds the zoo model abstractly (shapes only, no random init for weights about
+to be replaced), assigns every array with an explicit layout change, and then insists that
+every array was used and every model variable was set: a partial import is a ValueError naming
+the keys, never a silently half-random model.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def to_numpy(name: str, value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"state_dict[{name!r}] must be a numeric array, got dtype "
+                         f"{array.dtype}")
+    return array
+
+
+class StateDictReader:
+    """Hands out state_dict arrays by key and remembers which ones were used."""
+
+    def __init__(self, state_dict: Mapping[str, Any]):
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"state_dict must be a mapping of name -> array, got "
+                             f"{type(state_dict).__name__}")
+        # timm's BatchNorm step counters carry no weights.
+        self.arrays = {k: v for k, v in state_dict.items()
+                       if not k.endswith("num_batches_tracked")}
+        self.used: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.arrays
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self.arrays:
+            raise ValueError(f"state_dict has no {key!r}, which this architecture needs")
+        self.used.add(key)
+        return to_numpy(key, self.arrays[key])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self.arrays:
+            raise ValueError(f"state_dict has no {key!r}, which this architecture needs")
+        return tuple(np.shape(self.arrays[key]))
+
+    def check_all_used(self, model_name: str) -> None:
+        unused = sorted(set(self.arrays) - self.used)
+        if unused:
+            raise ValueError(f"state_dict has {len(unused)} array(s) the {model_name} "
+                             f"converter does not map: {unused[:10]}"
+                             + (" ..." if len(unused) > 10 else ""))
+
+
+def assign(variable: nnx.Variable, value: np.ndarray, where: str) -> None:
+    if tuple(variable.shape) != value.shape:
+        raise ValueError(f"{where}: state_dict array of shape {value.shape} does not fit the "
+                         f"model's {tuple(variable.shape)}")
+    # The model is built abstractly (shapes only), so the value is replaced, not written into.
+    variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+
+
+def build_abstract(build: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs | None):
+    """Shapes-only model: no random initialisation is run for weights about to be replaced."""
+    return nnx.eval_shape(build, rngs if rngs is not None else nnx.Rngs(0))
+
+
+def check_all_set(model: nnx.Module, model_name: str) -> None:
+    missing = [".".join(map(str, path)) for path, value in nnx.to_flat_state(nnx.state(model))
+               if isinstance(value.get_value(), jax.ShapeDtypeStruct)]
+    if missing:
+        raise ValueError(f"the state_dict leaves {len(missing)} {model_name} variable(s) "
+                         f"unset: {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
