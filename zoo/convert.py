@@ -65,8 +65,8 @@ def from_gpt2(state_dict: Mapping[str, Any], *, num_heads: int | None = None, ss
 def from_qformer_vsa(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = None,
                      **overrides) -> nnx.Module:
     """Official Swin-T + VSA checkpoint (ViTAE-Transformer/QFormer layout) -> `vsa_swin_t`.
-    See `zoo.converters.swin.vsa_from_qformer`."""
-    return _load("zoo.converters.swin:vsa_from_qformer")(state_dict, rngs=rngs, **overrides)
+    See `zoo.converters.vsa.vsa_from_qformer`."""
+    return _load("zoo.converters.vsa:vsa_from_qformer")(state_dict, rngs=rngs, **overrides)
 
 
 def from_nvist_official(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = None,

@@ -66,6 +66,45 @@ def test_metrics_after_the_restored_step_are_dropped_on_resume(tmp_path):
                        {"step": 4, "eval/top1": 0.5}, {"step": 6, "train/loss": 6.5}]
 
 
+def _tensorboard_events(directory) -> list:
+    """Every Event record of the tensorboardX files in `directory` (TFRecord framing: 8-byte
+    length, 4-byte crc, payload, 4-byte crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[offset + 12:offset + 12 + length])
+            events.append(event)
+            offset += 12 + length + 4
+    return events
+
+
+def test_tensorboard_hides_steps_after_the_restored_checkpoint_on_resume(tmp_path):
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    writer = reporting.MetricWriter(str(tmp_path), tensorboard=True, progress_bar=False,
+                                    total_steps=10, initial_step=0)
+    writer.write(2, {"train/loss": 2.0})
+    writer.close()
+    first = _tensorboard_events(tmp_path / "tensorboard")
+    assert not any(e.HasField("session_log") for e in first)
+    resumed = reporting.MetricWriter(str(tmp_path), tensorboard=True, progress_bar=False,
+                                     total_steps=10, initial_step=4)
+    resumed.close()
+    purges = [e for e in _tensorboard_events(tmp_path / "tensorboard")
+              if e.HasField("session_log")]
+    # TensorBoard drops earlier events with step >= this START's step: the metrics of step 4
+    # (saved with the checkpoint) stay, anything a crashed run logged after it goes.
+    assert [(e.session_log.status, e.step) for e in purges] == [(SessionLog.START, 5)]
+
+
 def test_distributed_flags_must_come_together(monkeypatch):
     for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(var, raising=False)

@@ -147,7 +147,11 @@ class MetricWriter:
         self._truncate_after(initial_step)
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # On resume, TensorBoard hides the events a crashed run wrote after the restored
+            # checkpoint (a START session log with purge_step), just as metrics.jsonl drops them:
+            # otherwise the redone steps would draw a second, overlapping curve.
+            purge = {"purge_step": initial_step + 1} if initial_step > 0 else {}
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), **purge)
         if progress_bar:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
