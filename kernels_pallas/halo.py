@@ -3,10 +3,12 @@
 The entry point is `halo_attention`; `halo_attention_reference` is the pure-jnp oracle every
 kernel is tested against, and the `impl="xla"` path. The reference unfolds windows with slices
 (no gathers) and computes in float32 at Precision.HIGHEST, which makes it exact but not fast on
-GPUs. The fused Pallas kernels sit behind the same function, one per backend in `_BACKENDS`
-(kernels_pallas/halo_triton.py for GPUs, kernels_pallas/halo_tpu.py for TPUs); each reads a
-query block's haloed key/value window straight from the zero-padded map, so the ~(win/b)^2
-unfolded copy of K/V is never written to HBM, and computes the relative logits in the kernel.
+GPUs. Fused Pallas kernels sit behind the same function, one per backend in `_BACKENDS`
+(kernels_pallas/halo_triton.py for GPUs; TPUs have none yet and use the reference); a kernel
+reads each query block's haloed key/value window straight from the zero-padded map, so the
+~(win/b)^2 unfolded copy of K/V is never written to HBM, and computes the relative logits
+in-kernel. A kernel module may also define `supports(block, halo, q_stride)`; where it returns
+False, impl="auto" uses the reference and impl="pallas" raises.
 
 Kernel contract (what a `_BACKENDS` function receives, after `check_halo_arguments`):
     kernel(q, k, v, rel_h, rel_w, *, block, halo, q_stride, scale, scale_relative,
@@ -58,7 +60,6 @@ HALO_IMPLS = ("auto", "xla", "pallas", "interpret")
 # module may import backend-only Pallas modules.
 _BACKENDS = {
         "gpu": ("kernels_pallas.halo_triton", "gpu_halo_attention"),
-        "tpu": ("kernels_pallas.halo_tpu", "tpu_halo_attention"),
 }
 # The kernel "interpret" runs (the Pallas interpreter works on any backend, including CPU).
 _INTERPRET_BACKEND = "gpu"
@@ -153,22 +154,29 @@ def halo_attention(q, k, v, rel_h, rel_w, *, block: int, halo: int, stride: int 
         avg_down: always down-sample by average pooling, never by strided queries.
         impl: "xla" (pure jnp, `halo_attention_reference`), "pallas" (the fused kernel of
             the current backend), "interpret" (the GPU kernel in the Pallas interpreter, any
-            backend) or "auto" (pallas on GPU and TPU, xla elsewhere).
+            backend) or "auto" (pallas where the backend has a kernel that supports the
+            configuration, xla elsewhere).
 
     Returns:
         [B, H/stride, W/stride, heads, dv] in q.dtype.
     """
     resolved = resolve_halo_impl(impl)
+    options = check_halo_arguments(q, k, v, rel_h, rel_w, block=block, halo=halo,
+                                   stride=stride, scale=scale, avg_down=avg_down)
+    if resolved != "xla":
+        backend = _INTERPRET_BACKEND if resolved == "interpret" else jax.default_backend()
+        module_name, function_name = _BACKENDS[backend]
+        import importlib
+        module = importlib.import_module(module_name)
+        supports = getattr(module, "supports", None)
+        if (impl == "auto" and supports is not None
+                and not supports(options["block"], options["halo"], options["q_stride"])):
+            resolved = "xla"
     if resolved == "xla":
         return halo_attention_reference(q, k, v, rel_h, rel_w, block=block, halo=halo,
                                         stride=stride, scale=scale,
                                         scale_relative=scale_relative, avg_down=avg_down)
-    options = check_halo_arguments(q, k, v, rel_h, rel_w, block=block, halo=halo,
-                                   stride=stride, scale=scale, avg_down=avg_down)
-    backend = _INTERPRET_BACKEND if resolved == "interpret" else jax.default_backend()
-    module_name, function_name = _BACKENDS[backend]
-    import importlib
-    kernel = getattr(importlib.import_module(module_name), function_name)
+    kernel = getattr(module, function_name)
     out = kernel(q, k, v, rel_h, rel_w, block=options["block"], halo=options["halo"],
                  q_stride=options["q_stride"], scale=options["scale"],
                  scale_relative=bool(scale_relative), interpret=resolved == "interpret")
@@ -176,14 +184,16 @@ def halo_attention(q, k, v, rel_h, rel_w, *, block: int, halo: int, stride: int 
 
 
 def resolve_halo_impl(impl: str) -> str:
-    """"auto" -> "pallas" on GPU/TPU, "xla" elsewhere; checks the value and the backend."""
+    """"auto" -> "pallas" on a backend with a halo kernel (GPU), "xla" elsewhere; checks the
+    value and the backend."""
     if impl not in HALO_IMPLS:
         raise ValueError(f"impl must be one of {HALO_IMPLS}, got {impl!r}")
     backend = jax.default_backend()
     if impl == "auto":
         return "pallas" if backend in _BACKENDS else "xla"
     if impl == "pallas" and backend not in _BACKENDS:
-        raise ValueError(f"impl='pallas' needs a GPU or TPU backend, this process runs on "
+        raise ValueError(f"impl='pallas' needs a GPU backend (the halo kernels are "
+                         f"{sorted(_BACKENDS)}), this process runs on "
                          f"{backend!r}; use impl='interpret' (the GPU kernel, interpreted) or "
                          f"impl='xla'")
     return impl

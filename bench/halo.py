@@ -1,0 +1,118 @@
+r"""Halo attention: the fused Pallas kernel vs the XLA unfold reference, at HaloNet stage shapes.
+
+  python bench/halo.py            # GPU: full HaloNet-H0/H4 stage grid
+  python bench/halo.py --quick    # CPU proof-of-run (< 2 min); "fused" is the Pallas interpreter
+
+For each shape and mode (fwd, fwd+bwd) it prints the median wall time of `--repeats` runs
+(after a compile-and-warm-up call) and the compiled peak memory estimate from
+`compiled.memory_analysis()` (temp + output bytes). On CPU the fused kernel can only run in the
+Pallas interpreter, which says nothing about GPU speed: the table header says so. The fused
+backward currently differentiates through the reference (see kernels_pallas/halo_triton.py),
+so fwd+bwd compares fused-forward + reference-backward against the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels_pallas import halo  # noqa: E402
+
+# (label, batch, map side, block, halo, heads, head_dim, stride): HaloNet stages at 256 px
+# (H0: b=8, h=3; H4: b=8, h=3 with wider stages; rv=1 keeps dv = dk). papers.md §2.2.
+FULL_SHAPES = [
+        ("H0 s1 64x64", 64, 64, 8, 3, 8, 16, 1),
+        ("H0 s2 32x32", 64, 32, 8, 3, 8, 16, 1),
+        ("H0 s3 16x16", 64, 16, 8, 3, 8, 32, 1),
+        ("H0 s4 8x8", 64, 8, 8, 3, 8, 64, 1),
+        ("H4 s1 64x64", 32, 64, 8, 3, 8, 32, 1),
+        ("H4 s2 s=2", 32, 64, 8, 3, 8, 32, 2),
+        ("H4 s3 16x16", 32, 16, 8, 3, 8, 64, 1),
+]
+QUICK_SHAPES = [
+        ("H0 s4 8x8", 2, 8, 8, 3, 2, 16, 1),
+        ("16x16 b8h3", 1, 16, 8, 3, 2, 16, 1),
+        ("16x16 s=2", 1, 16, 8, 2, 2, 16, 2),
+]
+
+
+def _inputs(batch, side, block, halo_size, heads, dim, stride, dtype):
+    rng = np.random.default_rng(0)
+    q_side = side // halo.query_stride(block, stride)
+    rows = 2 * (block + 2 * halo_size) - 1
+    shapes = [(batch, q_side, q_side, heads, dim), (batch, side, side, heads, dim),
+              (batch, side, side, heads, dim), (rows, dim), (rows, dim)]
+    return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+
+
+def _functions(impl, options):
+    def forward(*arrays):
+        return halo.halo_attention(*arrays, impl=impl, **options)
+
+    def forward_backward(*arrays):
+        def loss(*a):
+            return jnp.sum(forward(*a).astype(jnp.float32))
+        return jax.grad(loss, argnums=range(5))(*arrays)
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def _measure(fn, args, repeats):
+    compiled = jax.jit(fn).lower(*args).compile()
+    memory = compiled.memory_analysis()
+    peak = None
+    if memory is not None:
+        peak = (memory.temp_size_in_bytes + memory.output_size_in_bytes) / 2**20
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small CPU grid")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
+    args = parser.parse_args()
+    on_gpu = jax.default_backend() == "gpu"
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    repeats = args.repeats or (3 if args.quick else 20)
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
+    fused_impl = "pallas" if on_gpu else "interpret"
+    device = jax.devices()[0].device_kind
+    print(f"# halo attention | device {device} | jax {jax.__version__} | "
+          f"{datetime.date.today()} | dtype {dtype.name} | median of {repeats}")
+    print(f"# fused = impl={fused_impl!r}" + ("" if on_gpu else
+          " (Pallas INTERPRETER on CPU: correctness proof-of-run, not a speed figure)"))
+    print(f"| shape | B | b | h | heads | d | stride | mode | xla ms | xla MiB | fused ms | "
+          f"fused MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, batch, side, block, halo_size, heads, dim, stride in shapes:
+        arrays = _inputs(batch, side, block, halo_size, heads, dim, stride, dtype)
+        options = dict(block=block, halo=halo_size, stride=stride)
+        reference = _functions("xla", options)
+        fused = _functions(fused_impl, options)
+        for mode in ("fwd", "fwd+bwd"):
+            xla_ms, xla_mib = _measure(reference[mode], arrays, repeats)
+            fused_ms, fused_mib = _measure(fused[mode], arrays, repeats)
+            mib = lambda m: "n/a" if m is None else f"{m:.1f}"  # noqa: E731
+            print(f"| {label} | {batch} | {block} | {halo_size} | {heads} | {dim} | {stride} "
+                  f"| {mode} | {xla_ms:.2f} | {mib(xla_mib)} | {fused_ms:.2f} | "
+                  f"{mib(fused_mib)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Fused halo attention for GPUs (Pallas Triton): the `_BACKENDS["gpu"]` kernel of halo.py.
+
+One program per (batch x head, query-block row, query-block column). The program keeps its
+query block in registers and walks the rows of its (block + 2*halo)^2 key/value window one at a
+time, reading each row straight from the zero-padded [B*heads, Hp, Wp, d] map (a `win`-long
+span padded to a power of two), with an online softmax across rows. So the unfolded window copy
+of K/V (~(win/b)^2 = 3x the map for b=8, h=3, what timm's unfold writes) never exists in HBM:
+K/V are read from the map once per window that covers them, from L2 in practice.
+
+Relative logits are computed in the kernel, never as a dense [.., q, win^2] tensor:
+  * the width term <q, rel_w[win-1 + kx - qx]> is the same for every window row; it is built
+    once per program as `block/q_stride` small matmuls against shifted slices of rel_w, one per
+    query column qx, each kept for the queries of that column;
+  * the height term <q, rel_h[win-1 + ky - qy]> of window row ky is one matmul of the queries
+    against the slice rel_h[win-1 + ky - (qb-1) : ...] (qb rows), of which each query keeps the
+    column of its own qy (an iota comparison, no gather).
+Masking is needed only for the padding columns beyond `win` of each row: the zero halo takes
+part in the softmax unmasked, exactly as timm's HaloAttn and `halo_attention_reference`.
+
+Backward: this version differentiates through `halo_attention_reference` (XLA) in its
+custom_vjp, i.e. the backward pass is NOT fused yet; it recomputes the unfolded reference.
+Gradients are therefore exact, but training speed and memory on GPU are the reference's for
+the backward half. A fused backward (a dQ/dRel pass and a key-centric dK/dV pass) is the open
+part of the HaloNet kernel issue.
+
+Supported configurations (others raise ValueError; `supports` says so without raising, and
+`halo_attention(impl="auto")` then falls back to XLA): the query block side
+`block / q_stride` must be a power of two, so that a query block is a power-of-two tile
+(Triton's requirement), and `(block / q_stride)^2 >= 16` (the minimum tile of a GPU dot).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from kernels_pallas import halo as halo_lib
+
+F32 = jnp.float32
+# Triton tiles: every dimension of a loaded or multiplied block is a power of two, and a dot
+# needs at least 16 along each dimension.
+_MIN_TILE = 16
+
+
+def _pow2_at_least(n: int, minimum: int = _MIN_TILE) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def unsupported_reason(block: int, halo: int, q_stride: int) -> str | None:
+    """Why this kernel cannot run a configuration, or None when it can."""
+    del halo
+    query_block = block // q_stride
+    if query_block & (query_block - 1):
+        return (f"the query block side block/q_stride = {block}/{q_stride} = {query_block} is "
+                f"not a power of two")
+    if query_block * query_block < _MIN_TILE:
+        return (f"the query block has {query_block}x{query_block} < {_MIN_TILE} queries (the "
+                f"smallest GPU dot tile)")
+    return None
+
+
+def supports(block: int, halo: int, q_stride: int) -> bool:
+    return unsupported_reason(block, halo, q_stride) is None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    block: int
+    halo: int
+    q_stride: int
+    scale: float
+    scale_relative: bool
+    head_dim: int
+    value_dim: int
+    interpret: bool
+
+    @property
+    def win(self) -> int:
+        return self.block + 2 * self.halo
+
+    @property
+    def query_block(self) -> int:
+        return self.block // self.q_stride
+
+    @property
+    def row_width(self) -> int:  # a window row, padded to a tile
+        return _pow2_at_least(self.win)
+
+    @property
+    def rel_h_slice(self) -> int:  # rows of rel_h one window row needs, padded to a tile
+        return _pow2_at_least(self.query_block)
+
+    @property
+    def head_dim_padded(self) -> int:
+        return _pow2_at_least(self.head_dim)
+
+    @property
+    def value_dim_padded(self) -> int:
+        return _pow2_at_least(self.value_dim)
+
+
+def _dot_t(a, b):
+    """a @ b.T accumulated in f32; f32 operands at full precision (no TF32)."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=F32)
+
+
+def _dot(a, b):
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=F32)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, out_ref, lse_ref, *,
+                    static: _Static):
+    qb, win, row = static.query_block, static.win, static.row_width
+    block_row, block_col = pl.program_id(1), pl.program_id(2)
+    q = q_ref[...]
+    queries = qb * qb
+    q_row = lax.div(jnp.arange(queries, dtype=jnp.int32), jnp.int32(qb))
+    q_col = jnp.arange(queries, dtype=jnp.int32) - q_row * qb
+    cols = jnp.arange(row, dtype=jnp.int32)
+    slice_cols = jnp.arange(static.rel_h_slice, dtype=jnp.int32)
+
+    # Width term, shared by all window rows: query column c uses rel_w[win-1-c : win-1-c+row].
+    width_term = jnp.zeros((queries, row), F32)
+    for column in range(qb):
+        table = rel_w_ref[pl.ds(win - 1 - column, row), :]
+        width_term = jnp.where((q_col == column)[:, None], _dot_t(q, table), width_term)
+
+    def body(window_row, carry):
+        acc, row_max, row_sum = carry
+        y = block_row * static.block + window_row
+        x = block_col * static.block
+        k = k_ref[y, pl.ds(x, row), :]
+        v = v_ref[y, pl.ds(x, row), :]
+        content = _dot_t(q, k)
+        # rel_h rows win-1+ky-qy for qy = qb-1 .. 0 are consecutive: slice column qb-1-qy.
+        table = rel_h_ref[pl.ds(win - 1 + window_row - (qb - 1), static.rel_h_slice), :]
+        by_row = _dot_t(q, table)
+        pick = slice_cols[None, :] == (qb - 1 - q_row)[:, None]
+        height_term = jnp.sum(jnp.where(pick, by_row, 0.0), axis=1)
+        relative = height_term[:, None] + width_term
+        if static.scale_relative:
+            s = (content + relative) * static.scale
+        else:
+            s = content * static.scale + relative
+        s = jnp.where((cols < win)[None, :], s, -jnp.inf)
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+        correction = jnp.exp(row_max - new_max)
+        p = jnp.exp(s - new_max[:, None])
+        row_sum = row_sum * correction + jnp.sum(p, axis=1)
+        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, new_max, row_sum
+
+    init = (jnp.zeros((queries, static.value_dim_padded), F32),
+            jnp.full((queries,), -jnp.inf, F32), jnp.zeros((queries,), F32))
+    acc, row_max, row_sum = lax.fori_loop(0, win, body, init)
+    out_ref[...] = (acc / row_sum[:, None]).astype(out_ref.dtype)
+    lse_ref[...] = row_max + jnp.log(row_sum)
+
+
+def _pad_last(x, size: int):
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+def _padded_map(x, static: _Static, dim_padded: int):
+    """[B, H, W, heads, d] -> [B*heads, H + 2h, W + 2h + (row - win), d_padded], zeros
+    around: the halo, plus spare columns so every padded window row stays in bounds."""
+    batch, height, width, heads, _ = x.shape
+    h = static.halo
+    x = x.transpose(0, 3, 1, 2, 4).reshape(batch * heads, height, width, -1)
+    x = jnp.pad(x, [(0, 0), (h, h), (h, h + static.row_width - static.win),
+                    (0, dim_padded - x.shape[-1])])
+    return x
+
+
+def _query_blocks(q, static: _Static):
+    """[B, Hq, Wq, heads, dk] -> [B*heads, blocks_h, blocks_w, qb*qb, dk_padded]."""
+    batch, height, width, heads, _ = q.shape
+    qb = static.query_block
+    q = q.reshape(batch, height // qb, qb, width // qb, qb, heads, -1)
+    q = q.transpose(0, 5, 1, 3, 2, 4, 6).reshape(batch * heads, height // qb, width // qb,
+                                                 qb * qb, -1)
+    return _pad_last(q, static.head_dim_padded)
+
+
+def _forward(q, k, v, rel_h, rel_w, static: _Static):
+    batch, height, width, heads, _ = q.shape
+    qb, win, row = static.query_block, static.win, static.row_width
+    blocks_h, blocks_w = height // qb, width // qb
+    queries = qb * qb
+    dkp, dvp = static.head_dim_padded, static.value_dim_padded
+    q_blocks = _query_blocks(q, static)
+    k_map = _padded_map(k, static, dkp)
+    v_map = _padded_map(v, static, dvp)
+    # Zero rows after the tables keep every fixed-size slice in bounds; they are never picked.
+    rel_h_rows = 2 * win - 1 + static.rel_h_slice
+    rel_w_rows = max(2 * win - 1, win - 1 + row)
+    rel_h = _pad_last(jnp.pad(rel_h, [(0, rel_h_rows - rel_h.shape[0]), (0, 0)]), dkp)
+    rel_w = _pad_last(jnp.pad(rel_w, [(0, rel_w_rows - rel_w.shape[0]), (0, 0)]), dkp)
+    rel_h, rel_w = rel_h.astype(q.dtype), rel_w.astype(q.dtype)
+
+    grid = (batch * heads, blocks_h, blocks_w)
+    tile = lambda n, i, j: (n, i, j, 0, 0)  # noqa: E731
+    whole_map = lambda n, i, j: (n, 0, 0, 0)  # noqa: E731
+    whole_table = lambda n, i, j: (0, 0)  # noqa: E731
+    out, lse = pl.pallas_call(
+            functools.partial(_forward_kernel, static=static),
+            grid=grid,
+            in_specs=[pl.BlockSpec((None, None, None, queries, dkp), tile),
+                      pl.BlockSpec((None, *k_map.shape[1:]), whole_map),
+                      pl.BlockSpec((None, *v_map.shape[1:]), whole_map),
+                      pl.BlockSpec(rel_h.shape, whole_table),
+                      pl.BlockSpec(rel_w.shape, whole_table)],
+            out_specs=[pl.BlockSpec((None, None, None, queries, dvp), tile),
+                       pl.BlockSpec((None, None, None, queries), lambda n, i, j: (n, i, j, 0))],
+            out_shape=[jax.ShapeDtypeStruct((batch * heads, blocks_h, blocks_w, queries, dvp),
+                                            q.dtype),
+                       jax.ShapeDtypeStruct((batch * heads, blocks_h, blocks_w, queries), F32)],
+            compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+            interpret=static.interpret, name="halo_attention_fwd")(
+                    q_blocks, k_map, v_map, rel_h, rel_w)
+    out = out[..., :static.value_dim].reshape(batch, heads, blocks_h, blocks_w, qb, qb, -1)
+    out = out.transpose(0, 2, 4, 3, 5, 1, 6).reshape(batch, height, width, heads, -1)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _halo(q, k, v, rel_h, rel_w, static: _Static):
+    return _forward(q, k, v, rel_h, rel_w, static)[0]
+
+
+def _halo_fwd(q, k, v, rel_h, rel_w, static: _Static):
+    return _forward(q, k, v, rel_h, rel_w, static)[0], (q, k, v, rel_h, rel_w)
+
+
+def _halo_bwd(static: _Static, residuals, d_out):
+    # Not fused yet (see the module docstring): the reference's VJP, computed exactly.
+    def reference(q, k, v, rel_h, rel_w):
+        return halo_lib.halo_attention_reference(
+                q, k, v, rel_h, rel_w, block=static.block, halo=static.halo,
+                stride=static.q_stride, scale=static.scale,
+                scale_relative=static.scale_relative)
+
+    _, vjp = jax.vjp(reference, *residuals)
+    return vjp(d_out)
+
+
+_halo.defvjp(_halo_fwd, _halo_bwd)
+
+
+def gpu_halo_attention(q, k, v, rel_h, rel_w, *, block: int, halo: int, q_stride: int,
+                       scale: float, scale_relative: bool, interpret: bool):
+    """The halo.py kernel contract: attention at the query resolution, [B, H/q_stride,
+    W/q_stride, heads, dv] in q.dtype (arguments already checked by `check_halo_arguments`)."""
+    reason = unsupported_reason(block, halo, q_stride)
+    if reason is not None:
+        raise ValueError(f"the fused GPU halo kernel does not support block={block}, "
+                         f"halo={halo}, q_stride={q_stride}: {reason}; use impl='xla'")
+    static = _Static(block=block, halo=halo, q_stride=q_stride, scale=float(scale),
+                     scale_relative=bool(scale_relative), head_dim=q.shape[-1],
+                     value_dim=v.shape[-1], interpret=bool(interpret))
+    return _halo(q, k, v, rel_h, rel_w, static)
