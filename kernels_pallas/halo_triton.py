@@ -17,11 +17,19 @@ Relative logits are computed in the kernel, never as a dense [.., q, win^2] tens
 Masking is needed only for the padding columns beyond `win` of each row: the zero halo takes
 part in the softmax unmasked, exactly as timm's HaloAttn and `halo_attention_reference`.
 
-Backward: this version differentiates through `halo_attention_reference` (XLA) in its
-custom_vjp, i.e. the backward pass is NOT fused yet; it recomputes the unfolded reference.
-Gradients are therefore exact, but training speed and memory on GPU are the reference's for
-the backward half. A fused backward (a dQ/dRel pass and a key-centric dK/dV pass) is the open
-part of the HaloNet kernel issue.
+Backward (custom_vjp, FlashAttention-2 style, recomputing probabilities from the saved
+log-sum-exp; no atomics, so results are deterministic):
+  * dQ pass, one program per query block, walking the window rows like the forward: dQ, plus
+    this block's gradient of the relative tables. The height-table gradient is gathered as a
+    [queries, table rows] matrix (one iota pick per window row, no matmul) and turned into
+    table rows with one matmul at the end; the width-table gradient (the sum over window rows
+    of dS) goes through one small matmul per query column. The per-block table partials
+    ([blocks, ~2*win, d] floats) are summed in XLA.
+  * dK/dV pass, one program per b x b key block: the key block lies in the windows of the
+    query blocks at most ceil(halo/b) blocks away (3x3 for halo <= b), so the program loops over
+    those, recomputes their probabilities for its keys (relative logits via one-hot matmuls
+    per query row/column) and accumulates dK and dV in registers. Keys of the zero halo are
+    not real keys and receive no gradient; their probabilities still enter dQ and the tables.
 
 Supported configurations (others raise ValueError; `supports` says so without raising, and
 `halo_attention(impl="auto")` then falls back to XLA): the query block side
@@ -39,7 +47,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels_pallas import halo as halo_lib
 
 F32 = jnp.float32
 # Triton tiles: every dimension of a loaded or multiplied block is a power of two, and a dot
@@ -55,6 +62,8 @@ def unsupported_reason(block: int, halo: int, q_stride: int) -> str | None:
     """Why this kernel cannot run a configuration, or None when it can."""
     del halo
     query_block = block // q_stride
+    if block & (block - 1):
+        return f"block={block} is not a power of two (key tiles are block x block)"
     if query_block & (query_block - 1):
         return (f"the query block side block/q_stride = {block}/{q_stride} = {query_block} is "
                 f"not a power of two")
@@ -94,6 +103,14 @@ class _Static:
     @property
     def rel_h_slice(self) -> int:  # rows of rel_h one window row needs, padded to a tile
         return _pow2_at_least(self.query_block)
+
+    @property
+    def rel_local_rows(self) -> int:  # table rows one query block touches, padded to a tile
+        return _pow2_at_least(self.win - 1 + max(self.query_block, self.row_width))
+
+    @property
+    def rel_full_rows(self) -> int:  # the whole 2*win-1 table, padded to a tile
+        return _pow2_at_least(2 * self.win - 1)
 
     @property
     def head_dim_padded(self) -> int:
@@ -179,14 +196,15 @@ def _padded_map(x, static: _Static, dim_padded: int):
     return x
 
 
-def _query_blocks(q, static: _Static):
-    """[B, Hq, Wq, heads, dk] -> [B*heads, blocks_h, blocks_w, qb*qb, dk_padded]."""
+def _query_blocks(q, static: _Static, dim_padded: int | None = None):
+    """[B, Hq, Wq, heads, d] -> [B*heads, blocks_h, blocks_w, qb*qb, d_padded] (d_padded
+    defaults to the padded head_dim)."""
     batch, height, width, heads, _ = q.shape
     qb = static.query_block
     q = q.reshape(batch, height // qb, qb, width // qb, qb, heads, -1)
     q = q.transpose(0, 5, 1, 3, 2, 4, 6).reshape(batch * heads, height // qb, width // qb,
                                                  qb * qb, -1)
-    return _pad_last(q, static.head_dim_padded)
+    return _pad_last(q, static.head_dim_padded if dim_padded is None else dim_padded)
 
 
 def _forward(q, k, v, rel_h, rel_w, static: _Static):
@@ -236,19 +254,226 @@ def _halo(q, k, v, rel_h, rel_w, static: _Static):
 
 
 def _halo_fwd(q, k, v, rel_h, rel_w, static: _Static):
-    return _forward(q, k, v, rel_h, rel_w, static)[0], (q, k, v, rel_h, rel_w)
+    out, lse = _forward(q, k, v, rel_h, rel_w, static)
+    return out, (q, k, v, rel_h, rel_w, out, lse)
 
 
 def _halo_bwd(static: _Static, residuals, d_out):
-    # Not fused yet (see the module docstring): the reference's VJP, computed exactly.
-    def reference(q, k, v, rel_h, rel_w):
-        return halo_lib.halo_attention_reference(
-                q, k, v, rel_h, rel_w, block=static.block, halo=static.halo,
-                stride=static.q_stride, scale=static.scale,
-                scale_relative=static.scale_relative)
+    q, k, v, rel_h, rel_w, out, lse = residuals
+    return _backward(q, k, v, rel_h, rel_w, out, lse, d_out, static)
 
-    _, vjp = jax.vjp(reference, *residuals)
-    return vjp(d_out)
+
+# ----------------------------------------------------------------------------------------------
+# backward: a query-centric dQ + dRel pass and a key-centric dK + dV pass, no atomics
+
+
+def _rel_tables(rel_h, rel_w, static: _Static):
+    """Zero-extended tables so every fixed-size slice a kernel takes stays in bounds."""
+    win, qb = static.win, static.query_block
+    rows = max(2 * win - 1 + static.rel_h_slice, win - qb + static.rel_local_rows,
+               static.rel_full_rows, win - 1 + static.row_width)
+    dkp = static.head_dim_padded
+    extend = lambda t: _pad_last(jnp.pad(t, [(0, rows - t.shape[0]), (0, 0)]), dkp)  # noqa
+    return extend(rel_h), extend(rel_w)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, drel_h_ref, drel_w_ref, *, static: _Static):
+    qb, win, row = static.query_block, static.win, static.row_width
+    block_row, block_col = pl.program_id(1), pl.program_id(2)
+    q, d_out = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    queries = qb * qb
+    q_row = lax.div(jnp.arange(queries, dtype=jnp.int32), jnp.int32(qb))
+    q_col = jnp.arange(queries, dtype=jnp.int32) - q_row * qb
+    cols = jnp.arange(row, dtype=jnp.int32)
+    local = jnp.arange(static.rel_local_rows, dtype=jnp.int32)
+    # Height tables as seen from this block: local row u is table row win-qb+u, and query qy
+    # of window row ky uses u = qb-1-qy+ky.
+    rel_h_local = rel_h_ref[pl.ds(win - qb, static.rel_local_rows), :]
+    by_row = _dot_t(q, rel_h_local)
+    width_term = jnp.zeros((queries, row), F32)
+    for column in range(qb):
+        table = rel_w_ref[pl.ds(win - 1 - column, row), :]
+        width_term = jnp.where((q_col == column)[:, None], _dot_t(q, table), width_term)
+    rel_factor = static.scale if static.scale_relative else 1.0
+
+    def body(window_row, carry):
+        dq, height_grad, width_grad = carry
+        y = block_row * static.block + window_row
+        x = block_col * static.block
+        k = k_ref[y, pl.ds(x, row), :]
+        v = v_ref[y, pl.ds(x, row), :]
+        pick = local[None, :] == (qb - 1 - q_row + window_row)[:, None]
+        height_term = jnp.sum(jnp.where(pick, by_row, 0.0), axis=1)
+        relative = height_term[:, None] + width_term
+        content = _dot_t(q, k)
+        if static.scale_relative:
+            s = (content + relative) * static.scale
+        else:
+            s = content * static.scale + relative
+        p = jnp.where((cols < win)[None, :], jnp.exp(s - lse[:, None]), 0.0)
+        dp = _dot_t(d_out, v)
+        ds = p * (dp - delta[:, None])
+        dq = dq + _dot(ds.astype(k.dtype), k) * static.scale
+        d_relative = ds * rel_factor
+        height_grad = height_grad + jnp.where(pick, jnp.sum(d_relative, axis=1)[:, None], 0.0)
+        return dq, height_grad, width_grad + d_relative
+
+    init = (jnp.zeros((queries, static.head_dim_padded), F32),
+            jnp.zeros((queries, static.rel_local_rows), F32), jnp.zeros((queries, row), F32))
+    dq, height_grad, width_grad = lax.fori_loop(0, win, body, init)
+    q32 = q.astype(F32)
+    dq = dq + _dot(height_grad, rel_h_local.astype(F32))
+    drel_h_ref[...] = _dot(height_grad.T, q32)
+    # Width: query column c used rel_w[win-1-c+kx]; local row v = kx + qb-1-c.
+    drel_w = jnp.zeros((static.rel_local_rows, static.head_dim_padded), F32)
+    for column in range(qb):
+        table = rel_w_ref[pl.ds(win - 1 - column, row), :].astype(F32)
+        grad = jnp.where((q_col == column)[:, None], width_grad, 0.0)
+        dq = dq + _dot(grad, table)
+        shift = (local[:, None] == cols[None, :] + (qb - 1 - column)).astype(F32)
+        drel_w = drel_w + _dot(shift, _dot(grad.T, q32))
+    drel_w_ref[...] = drel_w
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, *, static: _Static, blocks_h: int, blocks_w: int):
+    qb, win, block = static.query_block, static.win, static.block
+    key_row, key_col = pl.program_id(1), pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]
+    keys, queries = block * block, qb * qb
+    key_y = lax.div(jnp.arange(keys, dtype=jnp.int32), jnp.int32(block))
+    key_x = jnp.arange(keys, dtype=jnp.int32) - key_y * block
+    q_row = lax.div(jnp.arange(queries, dtype=jnp.int32), jnp.int32(qb))
+    q_col = jnp.arange(queries, dtype=jnp.int32) - q_row * qb
+    full = jnp.arange(static.rel_full_rows, dtype=jnp.int32)
+    rel_h = rel_h_ref[pl.ds(0, static.rel_full_rows), :]
+    rel_w = rel_w_ref[pl.ds(0, static.rel_full_rows), :]
+    reach = -(-static.halo // block)
+    dk = jnp.zeros((keys, static.head_dim_padded), F32)
+    dv = jnp.zeros((keys, static.value_dim_padded), F32)
+    # Each key block lies in the windows of the query blocks at most `reach` blocks away.
+    for di in range(-reach, reach + 1):
+        for dj in range(-reach, reach + 1):
+            i, j = key_row - di, key_col - dj
+            inside = (i >= 0) & (i < blocks_h) & (j >= 0) & (j < blocks_w)
+            i_safe = jnp.clip(i, 0, blocks_h - 1)
+            j_safe = jnp.clip(j, 0, blocks_w - 1)
+            q = q_ref[i_safe, j_safe]
+            d_out = do_ref[i_safe, j_safe]
+            lse, delta = lse_ref[i_safe, j_safe], delta_ref[i_safe, j_safe]
+            # The keys' row/column inside that query block's window.
+            ky = key_y + di * block + static.halo
+            kx = key_x + dj * block + static.halo
+            in_window = (ky >= 0) & (ky < win) & (kx >= 0) & (kx < win) & inside
+            by_row, by_col = _dot_t(q, rel_h), _dot_t(q, rel_w)
+            relative = jnp.zeros((queries, keys), F32)
+            for offset in range(qb):
+                rows = (full[:, None] == (win - 1 + ky - offset)[None, :]).astype(F32)
+                cols = (full[:, None] == (win - 1 + kx - offset)[None, :]).astype(F32)
+                relative = relative + jnp.where((q_row == offset)[:, None],
+                                                _dot(by_row, rows), 0.0)
+                relative = relative + jnp.where((q_col == offset)[:, None],
+                                                _dot(by_col, cols), 0.0)
+            content = _dot_t(q, k)
+            if static.scale_relative:
+                s = (content + relative) * static.scale
+            else:
+                s = content * static.scale + relative
+            p = jnp.where(in_window[None, :], jnp.exp(s - lse[:, None]), 0.0)
+            dv = dv + _dot(p.T.astype(d_out.dtype), d_out)
+            ds = p * (_dot_t(d_out, v) - delta[:, None])
+            dk = dk + _dot(ds.T.astype(q.dtype), q) * static.scale
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _key_blocks(x, block: int, dim_padded: int):
+    """[B, H, W, heads, d] -> [B*heads, H/b, W/b, b*b, d_padded] (block-major key tiles)."""
+    batch, height, width, heads, _ = x.shape
+    x = x.reshape(batch, height // block, block, width // block, block, heads, -1)
+    x = x.transpose(0, 5, 1, 3, 2, 4, 6).reshape(batch * heads, height // block,
+                                                 width // block, block * block, -1)
+    return _pad_last(x, dim_padded)
+
+
+def _unblock(x, batch, heads, side: int, dim: int):
+    """Inverse of `_key_blocks` / `_query_blocks` (tile side `side`), cropped to `dim`."""
+    _, blocks_h, blocks_w, _, _ = x.shape
+    x = x[..., :dim].reshape(batch, heads, blocks_h, blocks_w, side, side, dim)
+    return x.transpose(0, 2, 4, 3, 5, 1, 6).reshape(batch, blocks_h * side, blocks_w * side,
+                                                    heads, dim)
+
+
+def _backward(q, k, v, rel_h, rel_w, out, lse, d_out, static: _Static):
+    batch, height, width, heads, dk = q.shape
+    dv_dim = v.shape[-1]
+    qb, win, block = static.query_block, static.win, static.block
+    blocks_h, blocks_w = height // qb, width // qb
+    queries, keys = qb * qb, block * block
+    dkp, dvp = static.head_dim_padded, static.value_dim_padded
+    delta = jnp.sum(out.astype(F32) * d_out.astype(F32), axis=-1)[..., None]
+    delta = _query_blocks(delta, static, 1)[..., 0]
+    q_blocks = _query_blocks(q, static)
+    do_blocks = _query_blocks(d_out, static, dvp)
+    rel_h_ext, rel_w_ext = _rel_tables(rel_h.astype(q.dtype), rel_w.astype(q.dtype), static)
+    rel_spec = pl.BlockSpec(rel_h_ext.shape, lambda n, i, j: (0, 0))
+    tile = lambda n, i, j: (n, i, j, 0, 0)  # noqa: E731
+    row_tile = lambda n, i, j: (n, i, j, 0)  # noqa: E731
+    whole = lambda a: pl.BlockSpec((None, *a.shape[1:]),  # noqa: E731
+                                   lambda n, i, j: (n,) + (0,) * (a.ndim - 1))
+    grid = (batch * heads, blocks_h, blocks_w)
+    params = pl_triton.CompilerParams(num_warps=4, num_stages=2)
+
+    k_map = _padded_map(k, static, dkp)
+    v_map = _padded_map(v, static, dvp)
+    local = static.rel_local_rows
+    dq, drel_h, drel_w = pl.pallas_call(
+            functools.partial(_dq_kernel, static=static), grid=grid,
+            in_specs=[pl.BlockSpec((None, None, None, queries, dkp), tile), whole(k_map),
+                      whole(v_map), rel_spec, rel_spec,
+                      pl.BlockSpec((None, None, None, queries, dvp), tile),
+                      pl.BlockSpec((None, None, None, queries), row_tile),
+                      pl.BlockSpec((None, None, None, queries), row_tile)],
+            out_specs=[pl.BlockSpec((None, None, None, queries, dkp), tile),
+                       pl.BlockSpec((None, None, None, local, dkp), tile),
+                       pl.BlockSpec((None, None, None, local, dkp), tile)],
+            out_shape=[jax.ShapeDtypeStruct(q_blocks.shape, q.dtype),
+                       jax.ShapeDtypeStruct((*grid, local, dkp), F32),
+                       jax.ShapeDtypeStruct((*grid, local, dkp), F32)],
+            compiler_params=params, interpret=static.interpret, name="halo_attention_dq")(
+                    q_blocks, k_map, v_map, rel_h_ext, rel_w_ext, do_blocks, lse, delta)
+
+    k_blocks, v_blocks = _key_blocks(k, block, dkp), _key_blocks(v, block, dvp)
+    d_keys, d_values = pl.pallas_call(
+            functools.partial(_dkv_kernel, static=static, blocks_h=blocks_h,
+                              blocks_w=blocks_w), grid=grid,
+            in_specs=[whole(q_blocks), pl.BlockSpec((None, None, None, keys, dkp), tile),
+                      pl.BlockSpec((None, None, None, keys, dvp), tile), rel_spec, rel_spec,
+                      whole(do_blocks), whole(lse), whole(delta)],
+            out_specs=[pl.BlockSpec((None, None, None, keys, dkp), tile),
+                       pl.BlockSpec((None, None, None, keys, dvp), tile)],
+            out_shape=[jax.ShapeDtypeStruct(k_blocks.shape, k.dtype),
+                       jax.ShapeDtypeStruct(v_blocks.shape, v.dtype)],
+            compiler_params=params, interpret=static.interpret, name="halo_attention_dkv")(
+                    q_blocks, k_blocks, v_blocks, rel_h_ext, rel_w_ext, do_blocks, lse, delta)
+
+    # Per-block table partials (local row u = table row win-qb+u), summed and placed here.
+    rows = 2 * win - 1
+
+    def place(partial):
+        total = jnp.sum(partial, axis=(0, 1, 2))[:, :dk]
+        total = jnp.pad(total, [(win - qb, 0), (0, 0)])
+        total = total[:rows] if total.shape[0] >= rows else jnp.pad(
+                total, [(0, rows - total.shape[0]), (0, 0)])
+        return total
+
+    return (_unblock(dq, batch, heads, qb, dk),
+            _unblock(d_keys, batch, heads, block, dk),
+            _unblock(d_values, batch, heads, block, dv_dim),
+            place(drel_h).astype(rel_h.dtype), place(drel_w).astype(rel_w.dtype))
 
 
 _halo.defvjp(_halo_fwd, _halo_bwd)
