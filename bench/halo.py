@@ -6,9 +6,7 @@ r"""Halo attention: the fused Pallas kernel vs the XLA unfold reference, at Halo
 For each shape and mode (fwd, fwd+bwd) it prints the median wall time of `--repeats` runs
 (after a compile-and-warm-up call) and the compiled peak memory estimate from
 `compiled.memory_analysis()` (temp + output bytes). On CPU the fused kernel can only run in the
-Pallas interpreter, which says nothing about GPU speed: the table header says so. The fused
-backward currently differentiates through the reference (see kernels_pallas/halo_triton.py),
-so fwd+bwd compares fused-forward + reference-backward against the reference.
+Pallas interpreter, which says nothing about GPU speed: the table header says so.
 """
 from __future__ import annotations
 
@@ -97,8 +95,8 @@ def main() -> None:
           f"{datetime.date.today()} | dtype {dtype.name} | median of {repeats}")
     print(f"# fused = impl={fused_impl!r}" + ("" if on_gpu else
           " (Pallas INTERPRETER on CPU: correctness proof-of-run, not a speed figure)"))
-    print(f"| shape | B | b | h | heads | d | stride | mode | xla ms | xla MiB | fused ms | "
-          f"fused MiB |")
+    print("| shape | B | b | h | heads | d | stride | mode | xla ms | xla MiB | fused ms | "
+          "fused MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, batch, side, block, halo_size, heads, dim, stride in shapes:
         arrays = _inputs(batch, side, block, halo_size, heads, dim, stride, dtype)

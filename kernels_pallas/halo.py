@@ -4,7 +4,8 @@ The entry point is `halo_attention`; `halo_attention_reference` is the pure-jnp 
 kernel is tested against, and the `impl="xla"` path. The reference unfolds windows with slices
 (no gathers) and computes in float32 at Precision.HIGHEST, which makes it exact but not fast on
 GPUs. Fused Pallas kernels sit behind the same function, one per backend in `_BACKENDS`
-(kernels_pallas/halo_triton.py for GPUs; TPUs have none yet and use the reference); a kernel
+(kernels_pallas/halo_pallas.py: the same Pallas kernels lowered by Triton on GPUs and by Mosaic
+on TPUs); a kernel
 reads each query block's haloed key/value window straight from the zero-padded map, so the
 ~(win/b)^2 unfolded copy of K/V is never written to HBM, and computes the relative logits
 in-kernel. A kernel module may also define `supports(block, halo, q_stride)`; where it returns
@@ -59,7 +60,8 @@ HALO_IMPLS = ("auto", "xla", "pallas", "interpret")
 # backend -> (module, function) of its fused kernel; imported lazily because a backend's kernel
 # module may import backend-only Pallas modules.
 _BACKENDS = {
-        "gpu": ("kernels_pallas.halo_triton", "gpu_halo_attention"),
+        "gpu": ("kernels_pallas.halo_pallas", "gpu_halo_attention"),
+        "tpu": ("kernels_pallas.halo_pallas", "tpu_halo_attention"),
 }
 # The kernel "interpret" runs (the Pallas interpreter works on any backend, including CPU).
 _INTERPRET_BACKEND = "gpu"
@@ -184,15 +186,15 @@ def halo_attention(q, k, v, rel_h, rel_w, *, block: int, halo: int, stride: int 
 
 
 def resolve_halo_impl(impl: str) -> str:
-    """"auto" -> "pallas" on a backend with a halo kernel (GPU), "xla" elsewhere; checks the
-    value and the backend."""
+    """"auto" -> "pallas" on a backend with a halo kernel (GPU, TPU), "xla" elsewhere; checks
+    the value and the backend."""
     if impl not in HALO_IMPLS:
         raise ValueError(f"impl must be one of {HALO_IMPLS}, got {impl!r}")
     backend = jax.default_backend()
     if impl == "auto":
         return "pallas" if backend in _BACKENDS else "xla"
     if impl == "pallas" and backend not in _BACKENDS:
-        raise ValueError(f"impl='pallas' needs a GPU backend (the halo kernels are "
+        raise ValueError(f"impl='pallas' needs a GPU or TPU backend (the halo kernels are "
                          f"{sorted(_BACKENDS)}), this process runs on "
                          f"{backend!r}; use impl='interpret' (the GPU kernel, interpreted) or "
                          f"impl='xla'")

@@ -134,7 +134,7 @@ def _halo_inputs(q_shape=(1, 8, 8, 2, 4), kv_shape=(1, 8, 8, 2, 4), table_rows=1
         (_halo_inputs(table_rows=9), {}, "rel_h must have shape"),
         (_halo_inputs(q_shape=(1, 8, 8, 2)), {}, "q must be 5-D"),
         (_halo_inputs(), dict(impl="triton"), "impl must be one of"),
-        (_halo_inputs(), dict(impl="pallas"), "impl=.pallas. needs a GPU backend"),
+        (_halo_inputs(), dict(impl="pallas"), "impl=.pallas. needs a GPU or TPU backend"),
         (_halo_inputs(), dict(block=0), "block must be an integer >= 1, got 0"),
         (_halo_inputs(), dict(scale=-1.0), "scale must be None or a positive"),
         (_halo_inputs(q_shape=(1, 9, 9, 2, 4), kv_shape=(1, 9, 9, 2, 4), table_rows=9),

@@ -1,4 +1,9 @@
-"""Fused halo attention for GPUs (Pallas Triton): the `_BACKENDS["gpu"]` kernel of halo.py.
+"""Fused halo attention in Pallas: the GPU (Triton) and TPU (Mosaic) kernels of halo.py.
+
+The kernels use only backend-neutral Pallas (BlockSpecs, ref slices, dots, fori_loop), so the
+same code is lowered by Triton (`gpu_halo_attention`) and by Mosaic (`tpu_halo_attention`);
+the differences are the compiler parameters and the layout of per-query statistics (Mosaic
+wants the last two dims of a block tiled, so they carry a trailing unit axis there).
 
 One program per (batch x head, query-block row, query-block column). The program keeps its
 query block in registers and walks the rows of its (block + 2*halo)^2 key/value window one at a
@@ -87,6 +92,20 @@ class _Static:
     head_dim: int
     value_dim: int
     interpret: bool
+    # "gpu" (Triton) or "tpu" (Mosaic): the same kernels, lowered by either backend.
+    backend: str = "gpu"
+
+    @property
+    def row_stat_shape(self) -> tuple[int, ...]:
+        """Per-query statistics (log-sum-exp, delta) of one block: Mosaic needs the block's
+        last two dims tiled, so on TPU they carry a trailing unit axis."""
+        queries = self.query_block * self.query_block
+        return (queries, 1) if self.backend == "tpu" else (queries,)
+
+    def compiler_params(self):
+        if self.backend == "tpu":
+            return None
+        return pl_triton.CompilerParams(num_warps=4, num_stages=2)
 
     @property
     def win(self) -> int:
@@ -178,7 +197,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, out_ref, lse_ref,
             jnp.full((queries,), -jnp.inf, F32), jnp.zeros((queries,), F32))
     acc, row_max, row_sum = lax.fori_loop(0, win, body, init)
     out_ref[...] = (acc / row_sum[:, None]).astype(out_ref.dtype)
-    lse_ref[...] = row_max + jnp.log(row_sum)
+    lse_ref[...] = (row_max + jnp.log(row_sum)).reshape(lse_ref.shape)
 
 
 def _pad_last(x, size: int):
@@ -205,6 +224,12 @@ def _query_blocks(q, static: _Static, dim_padded: int | None = None):
     q = q.transpose(0, 5, 1, 3, 2, 4, 6).reshape(batch * heads, height // qb, width // qb,
                                                  qb * qb, -1)
     return _pad_last(q, static.head_dim_padded if dim_padded is None else dim_padded)
+
+
+def _row_stat_spec(static: _Static):
+    shape = static.row_stat_shape
+    return pl.BlockSpec((None, None, None, *shape),
+                        lambda n, i, j: (n, i, j) + (0,) * len(shape))
 
 
 def _forward(q, k, v, rel_h, rel_w, static: _Static):
@@ -236,11 +261,12 @@ def _forward(q, k, v, rel_h, rel_w, static: _Static):
                       pl.BlockSpec(rel_h.shape, whole_table),
                       pl.BlockSpec(rel_w.shape, whole_table)],
             out_specs=[pl.BlockSpec((None, None, None, queries, dvp), tile),
-                       pl.BlockSpec((None, None, None, queries), lambda n, i, j: (n, i, j, 0))],
+                       _row_stat_spec(static)],
             out_shape=[jax.ShapeDtypeStruct((batch * heads, blocks_h, blocks_w, queries, dvp),
                                             q.dtype),
-                       jax.ShapeDtypeStruct((batch * heads, blocks_h, blocks_w, queries), F32)],
-            compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2),
+                       jax.ShapeDtypeStruct((batch * heads, blocks_h, blocks_w,
+                                             *static.row_stat_shape), F32)],
+            compiler_params=static.compiler_params(),
             interpret=static.interpret, name="halo_attention_fwd")(
                     q_blocks, k_map, v_map, rel_h, rel_w)
     out = out[..., :static.value_dim].reshape(batch, heads, blocks_h, blocks_w, qb, qb, -1)
@@ -282,8 +308,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, do_ref, lse_ref, delta
     qb, win, row = static.query_block, static.win, static.row_width
     block_row, block_col = pl.program_id(1), pl.program_id(2)
     q, d_out = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
     queries = qb * qb
+    lse, delta = lse_ref[...].reshape(queries), delta_ref[...].reshape(queries)
     q_row = lax.div(jnp.arange(queries, dtype=jnp.int32), jnp.int32(qb))
     q_col = jnp.arange(queries, dtype=jnp.int32) - q_row * qb
     cols = jnp.arange(row, dtype=jnp.int32)
@@ -363,7 +389,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, do_ref, lse_ref, delt
             j_safe = jnp.clip(j, 0, blocks_w - 1)
             q = q_ref[i_safe, j_safe]
             d_out = do_ref[i_safe, j_safe]
-            lse, delta = lse_ref[i_safe, j_safe], delta_ref[i_safe, j_safe]
+            lse = lse_ref[i_safe, j_safe].reshape(queries)
+            delta = delta_ref[i_safe, j_safe].reshape(queries)
             # The keys' row/column inside that query block's window.
             ky = key_y + di * block + static.halo
             kx = key_x + dj * block + static.halo
@@ -415,17 +442,17 @@ def _backward(q, k, v, rel_h, rel_w, out, lse, d_out, static: _Static):
     queries, keys = qb * qb, block * block
     dkp, dvp = static.head_dim_padded, static.value_dim_padded
     delta = jnp.sum(out.astype(F32) * d_out.astype(F32), axis=-1)[..., None]
-    delta = _query_blocks(delta, static, 1)[..., 0]
+    delta = _query_blocks(delta, static, 1)[..., :1]
+    delta = delta.reshape(*delta.shape[:3], *static.row_stat_shape)
     q_blocks = _query_blocks(q, static)
     do_blocks = _query_blocks(d_out, static, dvp)
     rel_h_ext, rel_w_ext = _rel_tables(rel_h.astype(q.dtype), rel_w.astype(q.dtype), static)
     rel_spec = pl.BlockSpec(rel_h_ext.shape, lambda n, i, j: (0, 0))
     tile = lambda n, i, j: (n, i, j, 0, 0)  # noqa: E731
-    row_tile = lambda n, i, j: (n, i, j, 0)  # noqa: E731
     whole = lambda a: pl.BlockSpec((None, *a.shape[1:]),  # noqa: E731
                                    lambda n, i, j: (n,) + (0,) * (a.ndim - 1))
     grid = (batch * heads, blocks_h, blocks_w)
-    params = pl_triton.CompilerParams(num_warps=4, num_stages=2)
+    params = static.compiler_params()
 
     k_map = _padded_map(k, static, dkp)
     v_map = _padded_map(v, static, dvp)
@@ -435,8 +462,7 @@ def _backward(q, k, v, rel_h, rel_w, out, lse, d_out, static: _Static):
             in_specs=[pl.BlockSpec((None, None, None, queries, dkp), tile), whole(k_map),
                       whole(v_map), rel_spec, rel_spec,
                       pl.BlockSpec((None, None, None, queries, dvp), tile),
-                      pl.BlockSpec((None, None, None, queries), row_tile),
-                      pl.BlockSpec((None, None, None, queries), row_tile)],
+                      _row_stat_spec(static), _row_stat_spec(static)],
             out_specs=[pl.BlockSpec((None, None, None, queries, dkp), tile),
                        pl.BlockSpec((None, None, None, local, dkp), tile),
                        pl.BlockSpec((None, None, None, local, dkp), tile)],
@@ -480,7 +506,8 @@ _halo.defvjp(_halo_fwd, _halo_bwd)
 
 
 def gpu_halo_attention(q, k, v, rel_h, rel_w, *, block: int, halo: int, q_stride: int,
-                       scale: float, scale_relative: bool, interpret: bool):
+                       scale: float, scale_relative: bool, interpret: bool,
+                       backend: str = "gpu"):
     """The halo.py kernel contract: attention at the query resolution, [B, H/q_stride,
     W/q_stride, heads, dv] in q.dtype (arguments already checked by `check_halo_arguments`)."""
     reason = unsupported_reason(block, halo, q_stride)
@@ -489,5 +516,13 @@ def gpu_halo_attention(q, k, v, rel_h, rel_w, *, block: int, halo: int, q_stride
                          f"halo={halo}, q_stride={q_stride}: {reason}; use impl='xla'")
     static = _Static(block=block, halo=halo, q_stride=q_stride, scale=float(scale),
                      scale_relative=bool(scale_relative), head_dim=q.shape[-1],
-                     value_dim=v.shape[-1], interpret=bool(interpret))
+                     value_dim=v.shape[-1], interpret=bool(interpret), backend=backend)
     return _halo(q, k, v, rel_h, rel_w, static)
+
+
+def tpu_halo_attention(q, k, v, rel_h, rel_w, *, block: int, halo: int, q_stride: int,
+                       scale: float, scale_relative: bool, interpret: bool):
+    """The same kernels lowered by Mosaic for TPUs (the halo.py contract)."""
+    return gpu_halo_attention(q, k, v, rel_h, rel_w, block=block, halo=halo,
+                              q_stride=q_stride, scale=scale, scale_relative=scale_relative,
+                              interpret=interpret, backend="tpu")

@@ -1,8 +1,9 @@
-"""The fused GPU halo-attention kernel (kernels_pallas/halo_triton.py) against the reference.
+"""The fused halo-attention kernels (kernels_pallas/halo_pallas.py) against the reference.
 
-On CPU the kernel runs in the Pallas interpreter (`impl="interpret"`) and is lowered for CUDA
-(Pallas -> Triton) to catch GPU-only lowering errors; the gpu-marked cases run the compiled
-kernel when a GPU is present. Inputs are fresh standard-normal draws (never zeros) on maps of
+On CPU the kernels run in the Pallas interpreter (`impl="interpret"`, and the TPU variant with
+its own statistics layout through `tpu_halo_attention(interpret=True)`) and are lowered for
+CUDA (Pallas -> Triton) and for TPU (Pallas -> Mosaic) to catch backend-only lowering errors;
+the gpu-marked cases run the compiled kernel when a GPU is present. Inputs are fresh standard-normal draws (never zeros) on maps of
 several blocks per side, so interior, edge and corner windows (which read the zero halo) all
 occur. Tolerances: kernels.md (f32 1e-5 relative; bf16 1e-2).
 """
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import halo, halo_triton
+from kernels_pallas import halo, halo_pallas
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -84,28 +85,31 @@ def test_average_pooled_stride_runs_the_kernel_at_full_resolution():
 
 
 def test_unsupported_configurations_are_named_and_auto_falls_back():
-    assert not halo_triton.supports(6, 1, 1)  # 6x6 blocks: not a power of two
-    assert not halo_triton.supports(8, 2, 4)  # 2x2 queries: below the 16-row dot tile
-    assert halo_triton.supports(8, 3, 1) and halo_triton.supports(8, 2, 2)
+    assert not halo_pallas.supports(6, 1, 1)  # 6x6 blocks: not a power of two
+    assert not halo_pallas.supports(8, 2, 4)  # 2x2 queries: below the 16-row dot tile
+    assert halo_pallas.supports(8, 3, 1) and halo_pallas.supports(8, 2, 2)
     args = _inputs(6, 1, (12, 12), 1, 8, 8, jnp.float32)
     with pytest.raises(ValueError, match="block=6 is not a power of two"):
         halo.halo_attention(*args, block=6, halo=1, impl="interpret")
 
 
-def _lowered_text(block, halo_size, size, q_stride, dk, dv, dtype, with_grad):
+def _lowered_text(block, halo_size, size, q_stride, dk, dv, dtype, with_grad,
+                  platform="cuda"):
     args = _inputs(block, halo_size, size, q_stride, dk, dv, dtype)
     options = dict(block=block, halo=halo_size, q_stride=q_stride, scale=dk ** -0.5,
                    scale_relative=False, interpret=False)
+    kernel = (halo_pallas.gpu_halo_attention if platform == "cuda"
+              else halo_pallas.tpu_halo_attention)
 
     def forward(*arrays):
-        return halo_triton.gpu_halo_attention(*arrays, **options)
+        return kernel(*arrays, **options)
 
     def forward_backward(*arrays):
         return jax.grad(lambda *a: jnp.sum(forward(*a).astype(jnp.float32)),
                         argnums=range(5))(*arrays)
 
     fn = forward_backward if with_grad else forward
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("with_grad", [False, True], ids=["fwd", "fwd+bwd"])
@@ -123,6 +127,48 @@ def test_kernel_lowers_for_cuda_at_halonet_h0_stage_shapes(dtype, with_grad):
 def test_strided_query_kernel_with_wider_values_lowers_for_cuda():
     text = _lowered_text(8, 2, (32, 32), 2, 32, 48, jnp.float32, True)
     assert text.count(TRITON_CALL) == 3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_tpu_variant_interpreted_matches_reference(dtype):
+    # The TPU variant differs in its statistics layout; same kernels, same tolerances.
+    args = _inputs(8, 2, (16, 16), 2, 16, 24, dtype)
+    reference_args = [a.astype(jnp.float32) for a in args]
+    options = dict(block=8, halo=2, q_stride=2, scale=0.25, scale_relative=False)
+    expected = halo.halo_attention_reference(*reference_args, block=8, halo=2, stride=2,
+                                             scale=0.25)
+
+    def loss(fn, *arrays):
+        return jnp.sum(jnp.sin(fn(*arrays).astype(jnp.float32)))
+
+    tpu = lambda *a: halo_pallas.tpu_halo_attention(*a, interpret=True, **options)  # noqa
+    xla = lambda *a: halo.halo_attention_reference(  # noqa: E731
+            *a, block=8, halo=2, stride=2, scale=0.25)
+    assert _relative_error(tpu(*args), expected) < TOLERANCE[dtype]
+    grads = jax.grad(lambda *a: loss(tpu, *a), argnums=range(5))(*args)
+    expected_grads = jax.grad(lambda *a: loss(xla, *a), argnums=range(5))(*reference_args)
+    for g, e in zip(grads, expected_grads):
+        assert _relative_error(g, e) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("with_grad", [False, True], ids=["fwd", "fwd+bwd"])
+def test_kernels_lower_for_tpu_through_mosaic(with_grad):
+    text = _lowered_text(8, 3, (64, 64), 1, 16, 16, jnp.float32, with_grad, platform="tpu")
+    assert text.count("tpu_custom_call") == (3 if with_grad else 1)
+    assert TRITON_CALL not in text
+
+
+def test_mosaic_lowering_really_runs_on_this_machine(monkeypatch):
+    # A 1-D per-query statistics block (the GPU layout) violates Mosaic's tiling rule; the
+    # error proves the TPU lowering above was checked, not skipped.
+    monkeypatch.setattr(halo_pallas._Static, "row_stat_shape",
+                        property(lambda self: (self.query_block ** 2,)))
+    args = _inputs(8, 3, (16, 16), 1, 16, 16, jnp.float32)
+    options = dict(block=8, halo=3, q_stride=1, scale=0.25, scale_relative=False,
+                   interpret=False)
+    lower = jax.jit(lambda *a: halo_pallas.tpu_halo_attention(*a, **options)).trace(*args)
+    with pytest.raises(ValueError, match="divisible by 8 and 128"):
+        lower.lower(lowering_platforms=("tpu",))
 
 
 def _has_gpu() -> bool:
