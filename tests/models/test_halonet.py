@@ -317,3 +317,25 @@ def test_from_timm_rejects_mismatched_checkpoints():
     missing = {k: v for k, v in state_dict.items() if k != "stages.1.0.post_attn.running_var"}
     with pytest.raises(ValueError, match="stages.1.0.post_attn.running_var"):
         convert.from_timm("halonet_h1", missing, block_size=3, halo_size=1, image_size=96)
+
+
+def test_fused_kernel_model_matches_reference_model():
+    """A HaloNet whose every halo layer runs the fused Pallas kernel (interpreted on CPU) gives
+    the logits of the same weights on the XLA reference: b=8, h=3 at 256 px, so stage 1 runs
+    full-resolution blocks and stages 2-4 strided queries (4x4 per block)."""
+    geometry = dict(image_size=256, block_size=8, halo_size=3, base_widths=(8, 8, 16, 16),
+                    depths=(1, 1, 1, 1), num_heads=2, final_features=0, num_classes=5,
+                    stem_width=8)
+    reference = zoo.create_model("halonet_h0", rngs=nnx.Rngs(0), attn_impl="xla", **geometry)
+    rng = np.random.default_rng(0)
+    for _, variable in nnx.to_flat_state(nnx.state(reference, nnx.Param)):
+        fan_in = int(np.prod(variable.shape[:-1])) or 1
+        variable.set_value(jnp.asarray(rng.standard_normal(variable.shape) / np.sqrt(fan_in),
+                                       jnp.float32))
+    fused = zoo.create_model("halonet_h0", rngs=nnx.Rngs(0), attn_impl="interpret", **geometry)
+    nnx.update(fused, nnx.state(reference))
+    image = jnp.asarray(np.random.default_rng(1).standard_normal((1, 256, 256, 3)), jnp.float32)
+    expected = nnx.jit(lambda m, x: m(x))(reference, image)
+    logits = nnx.jit(lambda m, x: m(x))(fused, image)
+    assert float(jnp.max(jnp.abs(expected))) > 1.0  # the attention branches are switched on
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=0, atol=2e-5)
