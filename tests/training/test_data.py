@@ -190,22 +190,31 @@ def test_generated_images_are_normalised_and_learnable():
     assert 0.5 < float(batch["image"].std()) < 1.5
 
 
-@pytest.mark.parametrize("num_examples, process_count", [(30, 3), (31, 3), (7, 1)])
-def test_process_shares_cover_every_example_once_per_epoch(num_examples, process_count):
-    epochs = {0: [], 1: []}
-    for index in range(process_count):
-        stream = data._train_index_stream(num_examples, seed=3, shuffle=True,
-                                          process_index=index, process_count=process_count)
-        share = len(data._process_share(num_examples, index, process_count))
-        first = [stream[i] for i in range(share)]
-        second = [stream[i] for i in range(share, 2 * share)]
-        assert sorted(first) == sorted(second)  # each epoch is a permutation of the share
-        epochs[0] += first
-        epochs[1] += second
-    assert sorted(epochs[0]) == list(range(num_examples))
-    assert sorted(epochs[1]) == list(range(num_examples))
+@pytest.mark.parametrize("num_examples", [30, 31, 7])
+def test_global_order_covers_every_example_once_per_epoch(num_examples):
+    stream = data._global_index_stream(num_examples, seed=3, shuffle=True)
+    first = [stream[i] for i in range(num_examples)]
+    second = [stream[i] for i in range(num_examples, 2 * num_examples)]
+    assert sorted(first) == sorted(second) == list(range(num_examples))
     if num_examples > 10:
-        assert epochs[0] != epochs[1]  # reshuffled every epoch
+        assert first != second  # reshuffled every epoch
+
+
+@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_processes_split_the_same_global_batches_as_one_process(process_count, augment):
+    """Data order does not depend on the host count: the rows each process loads, stacked in
+    process order, are the single-process global batch (augmentation included), across an
+    epoch boundary (24 examples = 3 batches of 8; 5 batches read)."""
+    config = _config(**{"data.augment": augment})
+    single = _take(data.TrainIterator(config, None, process_index=0, process_count=1), 5)
+    shares = [_take(data.TrainIterator(config, None, process_index=p,
+                                       process_count=process_count), 5)
+              for p in range(process_count)]
+    for k, expected in enumerate(single):
+        for key in expected:
+            rows = np.concatenate([share[k][key] for share in shares])
+            np.testing.assert_array_equal(rows, expected[key], err_msg=f"batch {k} {key}")
 
 
 def test_train_pipeline_on_two_simulated_processes_reads_the_set_once_per_epoch():
@@ -493,8 +502,9 @@ def test_random_resized_crop_stays_inside_the_image_with_valid_ratios():
 
 def test_extension_table_and_batch_spec():
     config = _config()
-    assert set(data._DATA_TASKS) == {"classification"}
     spec = data.batch_spec(config, train=False)
+    # The lookup imported the task modules, which registered their data halves.
+    assert set(data._DATA_TASKS) == {"classification", "language_modeling"}
     assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {
             "image": ((4, 8, 8, 3), np.float32), "label": ((4,), np.int32),
             "mask": ((4,), np.float32)}

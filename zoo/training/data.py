@@ -1,12 +1,13 @@
 """Input pipelines for the training loop: grain datasets that yield sharded global batches.
 
-    source[process_index::process_count]       every example read by exactly one process
-      -> shuffle(seed) -> repeat               train only; grain reshuffles every epoch
-      -> load + decode + augment               per-example RNG from (seed, epoch, example index)
-      -> batch(batch_size // process_count)    still a grain MapDataset: batch k is fixed
-      -> to_iter_dataset [-> mp_prefetch]      worker processes when data.worker_count > 0
+  train: range(N) -> shuffle(seed) -> repeat   one global order, reshuffled every epoch
+      -> global batch k = positions [kB, (k+1)B)  the same for any process count
+      -> process p loads rows [pB/P, (p+1)B/P)    decode + augment, RNG from (seed, epoch, index)
+      -> to_iter_dataset [-> mp_prefetch]        worker processes when data.worker_count > 0
       -> jax.make_array_from_process_local_data -> {"image": [B,S,S,3], "label": [B]} global
+  eval: source[process_index::process_count], padded to equal batch counts with a 0 mask
 
+A run on one process and on N processes therefore trains on identical global batches.
 Batching happens before the iterator (on the MapDataset), so batch k holds the same examples
 whatever the number of worker processes: grain hands whole batches to workers round-robin. The
 augmentation RNG depends on the example, not on the position of a worker, for the same reason.
@@ -32,6 +33,7 @@ import io
 import math
 import os
 import re
+import sys
 import zlib
 from typing import Any, Callable, Iterator, Mapping
 
@@ -455,12 +457,14 @@ def _classification_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
 class DataTask:
     """The task-specific half of the input pipeline.
 
+    sources: the config.data.source values this task reads.
     check_config(config): raise ValueError for settings this task's data cannot use.
     open_split(config, split): random-access source (len + getitem) of raw examples.
     make_preparer(config): picklable callable (raw example, rng or None at eval) -> dict of
         numpy arrays, one per batch key, with the shapes of `example_spec`.
     example_spec(config): batch key -> (per-example shape, numpy dtype).
     """
+    sources: tuple[str, ...]
     check_config: Callable[[Any], None]
     open_split: Callable[[Any, str], Any]
     make_preparer: Callable[[Any], Callable[[Mapping[str, Any], Any], dict[str, np.ndarray]]]
@@ -468,13 +472,23 @@ class DataTask:
 
 
 _DATA_TASKS: dict[str, DataTask] = {
-        "classification": DataTask(check_config=_check_classification, open_split=open_source,
+        "classification": DataTask(sources=SOURCES, check_config=_check_classification,
+                                   open_split=open_source,
                                    make_preparer=_classification_preparer,
                                    example_spec=_classification_spec),
 }
 
 
+def register_data_task(name: str, task: DataTask) -> None:
+    """Adds a task's data half (called by the module that registers the task)."""
+    if name in _DATA_TASKS:
+        raise ValueError(f"data task {name!r} is registered twice")
+    _DATA_TASKS[name] = task
+
+
 def _data_task(config) -> DataTask:
+    from zoo.training import tasks  # the modules registering tasks also register their data
+    tasks.list_tasks()
     if config.task not in _DATA_TASKS:
         raise ValueError(f"config.task={config.task!r} has no data pipeline; allowed: "
                          f"{sorted(_DATA_TASKS)}")
@@ -490,9 +504,10 @@ def validate_data_config(config, *, process_count: int | None = None) -> None:
     source/augment/task, missing or empty paths, a split with fewer examples than processes.
     Lists folders and opens record files, but reads no example."""
     d = config.data
-    if d.source not in SOURCES:
-        raise ValueError(f"config.data.source={d.source!r} is invalid; allowed: {SOURCES}")
     task = _data_task(config)
+    if d.source not in task.sources:
+        raise ValueError(f"config.data.source={d.source!r} is invalid for config.task="
+                         f"{config.task!r}; allowed: {task.sources}")
     task.check_config(config)
     if d.worker_count < 0:
         raise ValueError(f"config.data.worker_count={d.worker_count!r} is invalid; allowed: an "
@@ -538,18 +553,31 @@ def batch_spec(config, *, train: bool) -> dict[str, jax.ShapeDtypeStruct]:
 # ================================================================================================
 
 @dataclasses.dataclass(frozen=True)
-class _LoadTrainExample:
-    """(position in this process's endless stream, global example index) -> prepared example,
-    with augmentation randomness drawn from (seed, epoch, index) only."""
+class _LoadTrainBatch:
+    """Local batch k -> this process's rows of global batch k, prepared and stacked.
+
+    Global batch k is positions [k*B, (k+1)*B) of the global index stream; process p takes the
+    rows [p*B/P, (p+1)*B/P). Augmentation randomness comes from (seed, epoch, example index)
+    only, so a batch does not depend on the number of processes or workers either.
+    """
     source: Any
     prepare: Callable
+    indices: Any  # the endless global index stream (random access)
     seed: int
-    examples_per_epoch: int
+    num_examples: int
+    global_batch: int
+    local_batch: int
+    process_index: int
 
-    def __call__(self, position: int, index: int) -> dict[str, np.ndarray]:
-        epoch = position // self.examples_per_epoch
-        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch, int(index)])
-        return self.prepare(self.source[int(index)], rng)
+    def __call__(self, batch: int) -> dict[str, np.ndarray]:
+        start = batch * self.global_batch + self.process_index * self.local_batch
+        examples = []
+        for position in range(start, start + self.local_batch):
+            index = int(self.indices[position])
+            epoch = position // self.num_examples
+            rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch, index])
+            examples.append(self.prepare(self.source[index], rng))
+        return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,30 +606,35 @@ def _process_share(num_examples: int, process_index: int, process_count: int):
     return grain.MapDataset.range(num_examples)[process_index::process_count]
 
 
-def _train_index_stream(num_examples: int, *, seed: int, shuffle: bool, process_index: int,
-                        process_count: int):
-    """Endless MapDataset of global example indices for one process, reshuffled each epoch."""
-    share = _process_share(num_examples, process_index, process_count)
+def _global_index_stream(num_examples: int, *, seed: int, shuffle: bool):
+    """Endless MapDataset of example indices in the global order, reshuffled every epoch
+    (grain's shuffle-then-repeat), the same for any number of processes."""
+    indices = grain.MapDataset.range(num_examples)
     if shuffle:
-        share = share.shuffle(seed=seed)
-    return share.repeat(None)
+        indices = indices.shuffle(seed=seed)
+    return indices.repeat(None)
 
 
 def _local_train_batches(config, *, process_index: int, process_count: int):
-    """Endless MapDataset of this process's train batches (batch_size // process_count each)."""
+    """Endless MapDataset of this process's train batches: its batch_size // process_count
+    rows of every global batch. The global batches are the same for any process count, so a
+    run on one host and on a pod slice see the same data in the same order."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside [0, process_count="
+                         f"{process_count})")
     task = _data_task(config)
     source = task.open_split(config, config.data.train_split)
     if len(source) < process_count:
         raise ValueError(f"config.data.train_split={config.data.train_split!r} has {len(source)} "
                          f"examples, fewer than the {process_count} processes")
-    share_size = len(_process_share(len(source), process_index, process_count))
-    indices = _train_index_stream(len(source), seed=int(config.seed),
-                                  shuffle=bool(config.data.shuffle),
-                                  process_index=process_index, process_count=process_count)
-    load = _LoadTrainExample(source=source, prepare=task.make_preparer(config),
-                             seed=int(config.seed), examples_per_epoch=share_size)
-    return indices.map_with_index(load).batch(config.batch_size // process_count,
-                                              drop_remainder=True)
+    indices = _global_index_stream(len(source), seed=int(config.seed),
+                                   shuffle=bool(config.data.shuffle))
+    load = _LoadTrainBatch(source=source, prepare=task.make_preparer(config), indices=indices,
+                           seed=int(config.seed), num_examples=len(source),
+                           global_batch=int(config.batch_size),
+                           local_batch=int(config.batch_size) // process_count,
+                           process_index=process_index)
+    return grain.MapDataset.range(sys.maxsize).map(load)
 
 
 def _eval_batch_count(num_examples: int, local_batch: int, process_count: int,
