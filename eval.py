@@ -13,56 +13,18 @@ largest that divides config.eval.batch_size. Single-process only.
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from zoo.training.evaluate import evaluate_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "Config file and variant the run was trained with.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
-
-
-def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
-    from zoo.training import checkpoint as ckpt_lib
-    from zoo.training import config as config_lib
-    from zoo.training import data as data_lib
-    from zoo.training import mesh as mesh_lib
-    from zoo.training import state as state_lib, step as step_lib, tasks
-
-    # --- devices: a mesh of the local devices over the first data axis --------------------
-    num_devices = math.gcd(jax.local_device_count(), config.eval.batch_size)
-    axes = tuple(config.mesh_axes)
-    config.mesh_shape = tuple(num_devices if a == config.data_axes[0] else 1 for a in axes)
-    config_lib.validate_config(config, num_devices=num_devices, num_processes=1,
-                               training=False)
-    mesh = mesh_lib.make_mesh(config, devices=jax.local_devices()[:num_devices])
-    data_sharding = mesh_lib.batch_sharding(mesh, config.data_axes)
-
-    # --- model variables only, restored onto this mesh -------------------------------------
-    task = tasks.get_task(config)
-    skeleton = state_lib.ModelSkeleton(config)
-    model_shardings = mesh_lib.param_shardings(skeleton.abstract_state, mesh,
-                                               config.logical_axis_rules)
-    target = state_lib.with_shardings(skeleton.abstract_pure(), model_shardings)
-    step, model_state = ckpt_lib.restore_model_only(os.path.join(workdir, "checkpoints"),
-                                                    target, step)
-    logging.info("restored the model of step %d onto %s", step, dict(mesh.shape))
-
-    # --- one pass over the eval split -------------------------------------------------------
-    eval_step = step_lib.make_eval_step(skeleton=skeleton, task=task, mesh=mesh,
-                                        model_shardings=model_shardings,
-                                        data_sharding=data_sharding)
-    batches = data_lib.make_eval_iterator(config, mesh, data_sharding)
-    metrics = step_lib.run_eval(eval_step, model_state, batches, task)
-    result = {"step": int(step), **metrics}
-    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
-        json.dump(result, f)
-    return result
 
 
 def main(argv):

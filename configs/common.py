@@ -17,12 +17,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = ""  # a name from zoo.list_models()
     c.model.overrides = ml_collections.ConfigDict()  # builder kwargs (num_classes, dtype, ...)
-    c.task = "classification"  # zoo.training.tasks registry: classification (lm, nvs, ... later)
+    c.task = "classification"  # zoo.training.tasks registry: classification | language_modeling
     c.label_smoothing = 0.0  # classification training loss only; eval reports plain CE
 
     # --- data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
-    c.data.source = "generated"  # generated | image_folder | array_record | tfds
+    # classification: generated | image_folder | array_record | tfds
+    # language_modeling: embedded_text | token_files (zoo/training/lm.py)
+    c.data.source = "generated"
     c.data.path = ""  # root folder / file glob / TFDS data dir, for non-generated sources
     c.data.name = ""  # TFDS dataset name (tfds source only)
     c.data.train_split = "train"
@@ -35,6 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # grain worker processes (0 = in the main process)
     c.data.worker_buffer_size = 2
     c.data.shuffle = True
+    # language_modeling only
+    c.data.seq_len = 256  # tokens per example (context length)
+    c.data.vocab_size = 256  # 256 = byte-level (embedded_text)
+    c.data.token_dtype = "uint16"  # token_files: uint16 | uint32 ids in <path>/<split>.bin
+    c.data.bytes_per_token = 0.0  # token_files: corpus bytes per token, for bits_per_byte
 
     # --- optimisation ------------------------------------------------------------------------
     c.total_steps = 100

@@ -1,0 +1,257 @@
+"""Language modelling: the "language_modeling" task and its token data.
+
+Contract with the models (the SSA GPT and FIT-AR follow it):
+    batch {"tokens": int32 [B, seq_len + 1]}; inputs = tokens[:, :-1], targets = tokens[:, 1:]
+    model(inputs [B, T] int32, *, train, rngs) -> logits [B, T, vocab]
+
+Sources (config.data.source):
+  * "embedded_text" (the default for this task): byte-level text (vocab 256) that every
+    machine has without a download: the top-level pure-Python modules of the running
+    interpreter's standard library, in sorted file order. Their content differs a little
+    between Python versions, so the split's byte count and SHA-256 are logged and available
+    from `corpus_summary`; compare runs on one Python version. Every 20th file (sorted order)
+    is the eval split, so train and eval never share a file.
+  * "token_files": nanoGPT-style `{data.path}/{split}.bin`, a flat array of token ids
+    (data.token_dtype uint16 or uint32, native little-endian), memory-mapped.
+An example is a window of seq_len + 1 consecutive tokens; window i starts at i * seq_len, so
+consecutive windows share one token and every token of the stream is a target exactly once.
+
+Metrics: the loss is next-token cross-entropy in float32 (mean over tokens). Eval reports the
+per-token loss, perplexity = exp(loss), bits_per_token = loss / ln 2 and, where the bytes per
+token are known (byte-level text: 1; token files: data.bytes_per_token > 0), bits_per_byte.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+import sysconfig
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from zoo.training import data as data_lib
+from zoo.training.config import ConfigError
+from zoo.training.tasks import Task, register_task
+
+TASK = "language_modeling"
+SOURCES = ("embedded_text", "token_files")
+TOKEN_DTYPES = ("uint16", "uint32")
+BYTE_VOCAB = 256
+EVAL_FILE_EVERY = 20  # every 20th stdlib file (5%) is held out
+
+
+# ================================================================================================
+# Token streams
+# ================================================================================================
+
+@functools.lru_cache(maxsize=None)
+def _stdlib_files() -> tuple[str, ...]:
+    root = sysconfig.get_paths()["stdlib"]
+    files = tuple(sorted(os.path.join(root, name) for name in os.listdir(root)
+                         if name.endswith(".py")))
+    if len(files) < 2 * EVAL_FILE_EVERY:
+        raise ValueError(f"the standard library at {root} has only {len(files)} top-level .py "
+                         f"files; embedded_text needs the CPython source tree")
+    return files
+
+
+@functools.lru_cache(maxsize=4)
+def embedded_text(split_is_eval: bool) -> np.ndarray:
+    """The byte stream of one split of the embedded corpus (uint8)."""
+    files = [f for i, f in enumerate(_stdlib_files())
+             if (i % EVAL_FILE_EVERY == 0) == split_is_eval]
+    chunks = []
+    for path in files:
+        with open(path, "rb") as f:
+            chunks.append(f.read())
+    stream = np.frombuffer(b"\n\n".join(chunks), np.uint8)
+    logging.info("embedded_text %s split: %d files, %d bytes, sha256 %s",
+                 "eval" if split_is_eval else "train", len(files), stream.size,
+                 hashlib.sha256(stream.tobytes()).hexdigest()[:16])
+    return stream
+
+
+def corpus_summary() -> dict[str, Any]:
+    """Byte counts and hashes of the embedded corpus on this Python (for reports)."""
+    summary = {"stdlib": sysconfig.get_paths()["stdlib"], "files": len(_stdlib_files())}
+    for name, is_eval in (("train", False), ("eval", True)):
+        stream = embedded_text(is_eval)
+        summary[f"{name}_bytes"] = int(stream.size)
+        summary[f"{name}_sha256"] = hashlib.sha256(stream.tobytes()).hexdigest()
+    return summary
+
+
+def token_file(config, split: str) -> str:
+    return os.path.join(config.data.path, f"{split}.bin")
+
+
+def write_token_file(path: str, tokens, dtype: str = "uint16") -> None:
+    """Writes ids as a nanoGPT-style flat .bin file (the format "token_files" reads)."""
+    if dtype not in TOKEN_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid; allowed: {TOKEN_DTYPES}")
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
+        raise ValueError(f"token ids must be in [0, {np.iinfo(dtype).max}] for {dtype}")
+    tokens.astype(dtype).tofile(path)
+
+
+def _open_token_file(config, split: str) -> np.ndarray:
+    path = token_file(config, split)
+    dtype = np.dtype(config.data.token_dtype)
+    if not os.path.isfile(path):
+        raise ValueError(f"config.data.path={config.data.path!r}: token file {path} for split "
+                         f"{split!r} does not exist (expected <path>/<split>.bin)")
+    size = os.path.getsize(path)
+    if size % dtype.itemsize:
+        raise ValueError(f"token file {path} has {size} bytes, not a multiple of "
+                         f"config.data.token_dtype={config.data.token_dtype!r} "
+                         f"({dtype.itemsize} bytes)")
+    if size == 0:
+        raise ValueError(f"token file {path} is empty")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class TokenWindows:
+    """Random-access windows of seq_len + 1 tokens over a stream (grain source)."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int, vocab_size: int, origin: str):
+        self.stream, self.seq_len = stream, int(seq_len)
+        self.vocab_size, self.origin = int(vocab_size), origin
+        self.count = max(0, (stream.size - 1) // self.seq_len)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < self.count:
+            raise IndexError(f"window {index} of {self.count}")
+        start = int(index) * self.seq_len
+        tokens = np.asarray(self.stream[start:start + self.seq_len + 1]).astype(np.int32)
+        if tokens.max() >= self.vocab_size:
+            raise ValueError(f"{self.origin} holds token id {int(tokens.max())} at window "
+                             f"{index}, outside config.data.vocab_size={self.vocab_size}")
+        return {"tokens": tokens}
+
+
+def open_split(config, split: str) -> TokenWindows:
+    d = config.data
+    if d.source == "embedded_text":
+        stream = embedded_text(split == d.eval_split)
+        origin = f"embedded_text split {split!r}"
+    elif d.source == "token_files":
+        stream = _open_token_file(config, split)
+        origin = token_file(config, split)
+    else:
+        raise ValueError(f"config.data.source={d.source!r} is invalid for task {TASK!r}; "
+                         f"allowed: {SOURCES}")
+    windows = TokenWindows(stream, d.seq_len, d.vocab_size, origin)
+    if len(windows) < 1:
+        raise ValueError(f"{origin} has {stream.size} tokens, fewer than one window of "
+                         f"config.data.seq_len + 1 = {d.seq_len + 1}")
+    return windows
+
+
+def _check_data(config) -> None:
+    d = config.data
+    if not isinstance(d.seq_len, int) or d.seq_len < 1:
+        raise ValueError(f"config.data.seq_len={d.seq_len!r} is invalid; allowed: an integer "
+                         f">= 1")
+    if not isinstance(d.vocab_size, int) or d.vocab_size < 2:
+        raise ValueError(f"config.data.vocab_size={d.vocab_size!r} is invalid; allowed: an "
+                         f"integer >= 2")
+    if d.source == "embedded_text" and d.vocab_size < BYTE_VOCAB:
+        raise ValueError(f"config.data.vocab_size={d.vocab_size} is too small for the "
+                         f"byte-level embedded_text source; allowed: >= {BYTE_VOCAB}")
+    if d.token_dtype not in TOKEN_DTYPES:
+        raise ValueError(f"config.data.token_dtype={d.token_dtype!r} is invalid; allowed: "
+                         f"{TOKEN_DTYPES}")
+    if d.bytes_per_token < 0:
+        raise ValueError(f"config.data.bytes_per_token={d.bytes_per_token!r} is invalid; "
+                         f"allowed: >= 0 (0 = unknown)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrepareTokens:
+    def __call__(self, raw: Mapping[str, Any], rng) -> dict[str, np.ndarray]:
+        del rng  # no augmentation for text
+        return {"tokens": np.asarray(raw["tokens"], np.int32)}
+
+
+data_lib.register_data_task(TASK, data_lib.DataTask(
+        sources=SOURCES, check_config=_check_data, open_split=open_split,
+        make_preparer=lambda config: _PrepareTokens(),
+        example_spec=lambda config: {"tokens": ((int(config.data.seq_len) + 1,), np.int32)}))
+
+
+# ================================================================================================
+# The task
+# ================================================================================================
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token next-token cross-entropy in float32: [B, T, V], [B, T] -> [B, T]."""
+    logits = logits.astype(jnp.float32)
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_norm - target_logit
+
+
+@register_task(TASK)
+class LanguageModelingTask(Task):
+    """Next-token prediction on {"tokens": int32 [B, seq_len + 1]} (see the module docstring)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seq_len = int(config.data.seq_len)
+        self.vocab_size = int(config.data.vocab_size)
+        if config.data.source == "embedded_text":
+            self.bytes_per_token = 1.0
+        else:
+            self.bytes_per_token = float(config.data.bytes_per_token)
+
+    def check_config(self, config) -> None:
+        overrides = config.model.overrides
+        if "vocab_size" in overrides and overrides.vocab_size != config.data.vocab_size:
+            raise ConfigError(f"config.model.overrides.vocab_size={overrides.vocab_size!r} must "
+                              f"equal config.data.vocab_size={config.data.vocab_size!r}")
+        if "max_seq_len" in overrides and overrides.max_seq_len < config.data.seq_len:
+            raise ConfigError(f"config.model.overrides.max_seq_len={overrides.max_seq_len!r} is "
+                              f"shorter than config.data.seq_len={config.data.seq_len!r}")
+
+    def input_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {"tokens": jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.int32)}
+
+    def _logits(self, model, tokens, train, rngs):
+        logits = model(tokens[:, :-1], train=train, rngs=rngs)
+        return logits, tokens[:, 1:]
+
+    def loss_and_metrics(self, model, batch, rngs, train):
+        logits, targets = self._logits(model, batch["tokens"], train, rngs)
+        loss = jnp.mean(token_cross_entropy(logits, targets))
+        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
+        return loss, {"accuracy": accuracy}
+
+    def eval_sums(self, model, batch):
+        logits, targets = self._logits(model, batch["tokens"], False, None)
+        mask = batch["mask"].astype(jnp.float32)
+        per_example = jnp.sum(token_cross_entropy(logits, targets), axis=-1)
+        correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32), axis=-1)
+        return {"count": jnp.sum(mask), "tokens": jnp.sum(mask) * targets.shape[1],
+                "loss": jnp.sum(mask * per_example), "accuracy": jnp.sum(mask * correct)}
+
+    def finalize_eval(self, sums: Mapping[str, float]) -> dict[str, Any]:
+        if sums["count"] <= 0:
+            raise ValueError("the eval split produced no examples (sum of masks is 0)")
+        loss = sums["loss"] / sums["tokens"]
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+                   "bits_per_token": loss / math.log(2),
+                   "accuracy": sums["accuracy"] / sums["tokens"],
+                   "count": int(round(sums["count"]))}
+        if self.bytes_per_token > 0:
+            metrics["bits_per_byte"] = metrics["bits_per_token"] / self.bytes_per_token
+        return metrics
