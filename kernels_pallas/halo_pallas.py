@@ -151,22 +151,32 @@ def _dot(a, b):
                            preferred_element_type=F32)
 
 
+def _tile_coordinates(side: int):
+    """(row, column) of each position of a side x side tile flattened row-major."""
+    rows = lax.div(jnp.arange(side * side, dtype=jnp.int32), jnp.int32(side))
+    return rows, jnp.arange(side * side, dtype=jnp.int32) - rows * side
+
+
+def _width_term(q, rel_w_ref, q_col, static: "_Static"):
+    """<q, rel_w[win-1 + kx - qx]> as [queries, row_width]: the same for every window row.
+    Query column c reads the table slice rel_w[win-1-c : win-1-c+row_width]."""
+    term = jnp.zeros((q.shape[0], static.row_width), F32)
+    for column in range(static.query_block):
+        table = rel_w_ref[pl.ds(static.win - 1 - column, static.row_width), :]
+        term = jnp.where((q_col == column)[:, None], _dot_t(q, table), term)
+    return term
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, out_ref, lse_ref, *,
                     static: _Static):
     qb, win, row = static.query_block, static.win, static.row_width
     block_row, block_col = pl.program_id(1), pl.program_id(2)
     q = q_ref[...]
     queries = qb * qb
-    q_row = lax.div(jnp.arange(queries, dtype=jnp.int32), jnp.int32(qb))
-    q_col = jnp.arange(queries, dtype=jnp.int32) - q_row * qb
+    q_row, q_col = _tile_coordinates(qb)
     cols = jnp.arange(row, dtype=jnp.int32)
     slice_cols = jnp.arange(static.rel_h_slice, dtype=jnp.int32)
-
-    # Width term, shared by all window rows: query column c uses rel_w[win-1-c : win-1-c+row].
-    width_term = jnp.zeros((queries, row), F32)
-    for column in range(qb):
-        table = rel_w_ref[pl.ds(win - 1 - column, row), :]
-        width_term = jnp.where((q_col == column)[:, None], _dot_t(q, table), width_term)
+    width_term = _width_term(q, rel_w_ref, q_col, static)
 
     def body(window_row, carry):
         acc, row_max, row_sum = carry
@@ -310,18 +320,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, do_ref, lse_ref, delta
     q, d_out = q_ref[...], do_ref[...]
     queries = qb * qb
     lse, delta = lse_ref[...].reshape(queries), delta_ref[...].reshape(queries)
-    q_row = lax.div(jnp.arange(queries, dtype=jnp.int32), jnp.int32(qb))
-    q_col = jnp.arange(queries, dtype=jnp.int32) - q_row * qb
+    q_row, q_col = _tile_coordinates(qb)
     cols = jnp.arange(row, dtype=jnp.int32)
     local = jnp.arange(static.rel_local_rows, dtype=jnp.int32)
     # Height tables as seen from this block: local row u is table row win-qb+u, and query qy
     # of window row ky uses u = qb-1-qy+ky.
     rel_h_local = rel_h_ref[pl.ds(win - qb, static.rel_local_rows), :]
     by_row = _dot_t(q, rel_h_local)
-    width_term = jnp.zeros((queries, row), F32)
-    for column in range(qb):
-        table = rel_w_ref[pl.ds(win - 1 - column, row), :]
-        width_term = jnp.where((q_col == column)[:, None], _dot_t(q, table), width_term)
+    width_term = _width_term(q, rel_w_ref, q_col, static)
     rel_factor = static.scale if static.scale_relative else 1.0
 
     def body(window_row, carry):
@@ -370,10 +376,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, do_ref, lse_ref, delt
     key_row, key_col = pl.program_id(1), pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
     keys, queries = block * block, qb * qb
-    key_y = lax.div(jnp.arange(keys, dtype=jnp.int32), jnp.int32(block))
-    key_x = jnp.arange(keys, dtype=jnp.int32) - key_y * block
-    q_row = lax.div(jnp.arange(queries, dtype=jnp.int32), jnp.int32(qb))
-    q_col = jnp.arange(queries, dtype=jnp.int32) - q_row * qb
+    key_y, key_x = _tile_coordinates(block)
+    q_row, q_col = _tile_coordinates(qb)
     full = jnp.arange(static.rel_full_rows, dtype=jnp.int32)
     rel_h = rel_h_ref[pl.ds(0, static.rel_full_rows), :]
     rel_w = rel_w_ref[pl.ds(0, static.rel_full_rows), :]

@@ -14,6 +14,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from configs import common
+from training_helpers import apply_changes
 from zoo.training import data, records
 
 
@@ -26,13 +27,7 @@ def _config(**changes):
     c.data.num_eval_examples = 10
     c.batch_size = 8
     c.eval.batch_size = 4
-    for dotted, value in changes.items():
-        target = c
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            target = target[key]
-        target[leaf] = value
-    return c
+    return apply_changes(c, changes)
 
 
 def _take(iterator, count):

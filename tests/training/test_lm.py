@@ -17,6 +17,7 @@ from configs import common
 from zoo import layers, registry
 from zoo.axes import with_axes
 from zoo.training import config as config_lib
+from training_helpers import apply_changes
 from zoo.training import data, lm, tasks
 
 VOCAB = 256
@@ -63,13 +64,7 @@ def lm_config(**changes) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 3e-3
     c.logging.progress_bar = False
     c.logging.tensorboard = False
-    for dotted, value in changes.items():
-        target = c
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            target = target[key]
-        target[leaf] = value
-    return c
+    return apply_changes(c, changes)
 
 
 def test_windows_cover_the_stream_and_targets_are_next_tokens():

@@ -19,6 +19,17 @@ TINY_OVERRIDES = dict(image_size=IMAGE_SIZE, patch_size=4, embed_dim=32, depth=1
                       num_classes=NUM_CLASSES)
 
 
+def apply_changes(config: ml_collections.ConfigDict, changes) -> ml_collections.ConfigDict:
+    """Sets `changes` given as dotted keys ("data.augment": "none") on `config`; returns it."""
+    for dotted, value in changes.items():
+        target = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            target = target[key]
+        target[leaf] = value
+    return config
+
+
 def tiny_config(**changes) -> ml_collections.ConfigDict:
     """base_config() with the tiny ViT on generated data; `changes` as dotted keys."""
     c = common.base_config()
@@ -34,13 +45,7 @@ def tiny_config(**changes) -> ml_collections.ConfigDict:
     c.schedule.warmup_steps = 1
     c.logging.progress_bar = False
     c.logging.tensorboard = False
-    for dotted, value in changes.items():
-        target = c
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            target = target[key]
-        target[leaf] = value
-    return c
+    return apply_changes(c, changes)
 
 
 def cli_overrides(**changes) -> list[str]:
