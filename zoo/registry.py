@@ -137,7 +137,8 @@ def default_input(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
 # `zoo` stays cheap and a broken model file fails loudly by name.
 _MODEL_MODULES: tuple[str, ...] = (
         "zoo.vit",
-    "zoo.halonet",
+        "zoo.halonet",
+        "zoo.ssa",
 )
 
 
