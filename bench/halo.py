@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,6 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.timing import compile_and_time, mib  # noqa: E402
 from kernels_pallas import halo  # noqa: E402
 
 # (label, batch, map side, block, halo, heads, head_dim, stride): HaloNet stages at 256 px
@@ -64,21 +63,6 @@ def _functions(impl, options):
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
 
-def _measure(fn, args, repeats):
-    compiled = jax.jit(fn).lower(*args).compile()
-    memory = compiled.memory_analysis()
-    peak = None
-    if memory is not None:
-        peak = (memory.temp_size_in_bytes + memory.output_size_in_bytes) / 2**20
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, peak
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small CPU grid")
@@ -104,9 +88,8 @@ def main() -> None:
         reference = _functions("xla", options)
         fused = _functions(fused_impl, options)
         for mode in ("fwd", "fwd+bwd"):
-            xla_ms, xla_mib = _measure(reference[mode], arrays, repeats)
-            fused_ms, fused_mib = _measure(fused[mode], arrays, repeats)
-            mib = lambda m: "n/a" if m is None else f"{m:.1f}"  # noqa: E731
+            xla_ms, xla_mib = compile_and_time(reference[mode], arrays, repeats)
+            fused_ms, fused_mib = compile_and_time(fused[mode], arrays, repeats)
             print(f"| {label} | {batch} | {block} | {halo_size} | {heads} | {dim} | {stride} "
                   f"| {mode} | {xla_ms:.2f} | {mib(xla_mib)} | {fused_ms:.2f} | "
                   f"{mib(fused_mib)} |", flush=True)

@@ -139,6 +139,7 @@ _MODEL_MODULES: tuple[str, ...] = (
         "zoo.vit",
         "zoo.halonet",
         "zoo.ssa",
+        "zoo.swin",
 )
 
 
