@@ -140,6 +140,7 @@ _MODEL_MODULES: tuple[str, ...] = (
         "zoo.halonet",
         "zoo.ssa",
         "zoo.swin",
+        "zoo.vsa",
 )
 
 
