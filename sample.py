@@ -1,7 +1,13 @@
-r"""Samples text from a language-model checkpoint of a train.py run.
+r"""Samples from a checkpoint of a train.py run: text from language models, images from
+diffusion denoisers.
 
   python sample.py --config configs/ssa.py:smoke --workdir /tmp/ssa_smoke \
       --prompt "def main(" --max_new_tokens 200 --temperature 0.8 --top_k 40
+  python sample.py --config configs/fit.py:denoiser_smoke --workdir /tmp/fit_dn \
+      --num_samples 16 --steps 100 --sampler ddim      # -> <workdir>/samples_<step>.png
+
+Images (config.task "image_diffusion"): `zoo.diffusion.sample` from pure noise, written as a
+PNG grid (4 per row; class-conditional models cycle through the labels). Text:
 
 Only the model's variables are read from the checkpoint (no optimizer state), onto the first
 local device. Byte-level models (data.vocab_size = 256) take the prompt as UTF-8 text and print
@@ -32,6 +38,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens
 _GREEDY = flags.DEFINE_boolean("greedy", False, "Take the most likely token at every step.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Independent samples of the prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STEPS = flags.DEFINE_integer("steps", 100, "Diffusion sampling steps (image models).")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"],
+                             "Diffusion sampler (image models).")
 
 BYTE_VOCAB = 256
 
@@ -79,6 +88,43 @@ def load_model(config, workdir: str, step: int | None):
     return step, skeleton.build(model_state)
 
 
+def image_grid(images: np.ndarray, per_row: int = 4) -> np.ndarray:
+    """[N, H, W, C] uint8 -> one [rows*(H+2), per_row*(W+2), C] grid with 2-pixel gutters."""
+    n, h, w, c = images.shape
+    rows = -(-n // per_row)
+    grid = np.full((rows * (h + 2), per_row * (w + 2), c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, per_row)
+        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = image
+    return grid
+
+
+def sample_images(config, workdir: str, *, step: int | None, num_samples: int, steps: int,
+                  sampler: str, seed: int) -> str:
+    """Writes <workdir>/samples_<step>.png; returns its path."""
+    from PIL import Image
+
+    from zoo import diffusion
+    from zoo.training import diffusion_task
+
+    if num_samples < 1:
+        raise ValueError(f"--num_samples={num_samples} must be >= 1")
+    step, model = load_model(config, workdir, step)
+    cond = None
+    if getattr(model, "cond_dim", 0):
+        labels = np.arange(num_samples) % model.cond_dim
+        cond = jax.nn.one_hot(labels, model.cond_dim)
+    logging.info("sampling %d images from the model of step %d (%s, %d steps)", num_samples,
+                 step, sampler, steps)
+    images = diffusion.sample(model, jax.random.key(seed), num_samples, steps=steps,
+                              sampler=sampler, cond=cond)
+    grid = image_grid(diffusion_task.to_uint8(images))
+    path = os.path.join(workdir, f"samples_{step}.png")
+    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4),
+                                 Image.NEAREST).save(path)
+    return path
+
+
 def sample_checkpoint(config, workdir: str, *, step: int | None, prompt: str,
                       prompt_ids: str | None, max_new_tokens: int, temperature: float,
                       top_k: int, greedy: bool, num_samples: int, seed: int) -> list[str]:
@@ -111,6 +157,12 @@ def main(argv):
     from zoo.training import reporting
     reporting.quiet_library_logs()
     try:
+        if _CONFIG.value.task == "image_diffusion":
+            path = sample_images(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
+                                 num_samples=_NUM_SAMPLES.value, steps=_STEPS.value,
+                                 sampler=_SAMPLER.value, seed=_SEED.value)
+            print(f"wrote {path}", flush=True)
+            return
         samples = sample_checkpoint(
                 _CONFIG.value, _WORKDIR.value, step=_STEP.value, prompt=_PROMPT.value,
                 prompt_ids=_PROMPT_IDS.value, max_new_tokens=_MAX_NEW_TOKENS.value,

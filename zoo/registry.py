@@ -141,6 +141,7 @@ _MODEL_MODULES: tuple[str, ...] = (
         "zoo.ssa",
         "zoo.swin",
         "zoo.vsa",
+        "zoo.fit",
 )
 
 

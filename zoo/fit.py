@@ -1,0 +1,677 @@
+r"""FIT: Far-reaching Interleaved Transformers (Chen & Li 2023, arXiv:2305.12689).
+
+Reference: the official TF code, google-research/pix2seq `architectures/transformers.py`
+(`get_layer_config`, `FIT`, `FITAR`, `FITDenoiser`, `ScalarEmbedding`). Three heads share one
+trunk here, as in the paper: `FITEncoder` (image classification), `FITAR` (autoregressive
+language model) and `FITDenoiser` (pixel diffusion; objective and sampler in zoo/diffusion.py).
+
+Trunk. Data tokens x [B, T, n, c] in T groups of n; latents [B, T, m, d_l], initialised from a
+learned table of T*m distinct slots (trunc-normal 0.02). The layer spec `'(a)b(c)d...'` is a
+list of pairs (local layers, global layers), parsed exactly as the reference
+(`parse_layer_spec`: '(2)4(2)' -> [(2, 4), (2, 0)]). For each pair:
+  local   a layers of pre-LN self-attention + MLP inside each group;
+  read    latents of group t cross-attend to group t's tokens (only if the pair has globals);
+  global  b layers over all T*m latents;
+  write   tokens of group t cross-attend to group t's latents (not after the last pair).
+Outputs: LN(x) and LN(latents), eps 1e-6.
+
+Reference conventions kept: exact (erf) GELU; LayerNorm eps 1e-6 with scale and shift; every
+projection has a bias; Keras Glorot-uniform kernels and zero biases; learned embeddings
+trunc-normal 0.02; read/write layers are `q + MHA(LN(q), LN_kv(kv))` with no MLP,
+min(latent_heads, x_heads) heads of key width min(d_l, c) // heads, value width = key width,
+output projected back to the query width. x position embedding [n, c] is shared by all groups
+(learned, or fixed 2-D sin-cos with `x_pos_encoding="sincos"`).
+
+Attention, all through `kernels_pallas.attention`:
+  * local layers fold the groups into the batch ([B*T, n, c]): each group is a small dense
+    problem the kernel tiles on its own, where segment ids over [B, T*n] would make the kernel
+    visit (and mask) T^2 tile pairs per row of groups;
+  * read/write fold groups likewise (latents [B*T, m, d_l] vs tokens [B*T, n, c]);
+  * FIT-AR: tokens are causal within their group (`causal=True`); latents are chunk-causal
+    (full attention among a group's m latents, causal across groups) through an additive
+    block bias [T*m, T*m] (0 / -1e30), since neither plain causality nor segment ids express
+    it; and before each write the latents are shifted by one group (group t reads the latents
+    of group t-1, group 0 reads zeros), so token i never sees information from tokens >= i.
+
+Gradient checkpointing: `remat=True` wraps every local, global, read and write layer in
+`nnx.remat`, so only layer inputs are kept for the backward pass.
+
+Heads:
+  * FITEncoder: image [B, H, W, C] -> sqrt(T) x sqrt(T) sub-images, each cut into n
+    patches (raster order inside the sub-image) -> stem Dense(p*p*C -> c) + LN (as the
+    reference's `stem`, `stem_ln`) + x_pos_emb -> trunk -> mean of the output latents (of the
+    output tokens if the spec ends with local layers) -> Linear head. The pooling is ours: the
+    reference encoder feeds a Pix2Seq decoder instead of a classifier.
+  * FITAR: token ids [B, L] (L = T*n) -> shared token embedding [vocab, c] + x_pos_emb -> trunk
+    -> LN(x) @ embedding^T + output bias -> logits [B, L, vocab] (the reference's
+    shared_embedding=True, output_bias=True).
+  * FITDenoiser: noisy image [B, H, W, C], time t in [0, 1] -> sub-image patches as the
+    encoder; time embedding ScalarEmbedding(d_l // 4, scaling 1000, expansion 4) (sin-cos of
+    1000 t, normalised, Dense -> SiLU -> Dense, width d_l); optional conditioning vectors
+    (e.g. one-hot class labels) through `cond_proj`; before every global stack the latents
+    cross-attend to [time; cond] ("l2c"); latent self-conditioning adds
+    LN_{gamma=0}(MLP-block(latents_prev)); output Dense(p*p*C)(LN(x)) -> image.
+    Returns (prediction image, latents) so the caller can self-condition.
+
+Sizes: the paper's configurations are not in the released code (papers.md §1.7), so the
+registered sizes are ours, chosen per use and stated in each registration.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zoo import layers
+from zoo.axes import with_axes
+from zoo.registry import register_model
+
+NORM_EPS = 1e-6
+_GLOROT = nnx.initializers.xavier_uniform()
+_EMBED_INIT = nnx.initializers.truncated_normal(0.02)
+_MASKED = -1e30
+X_POS_ENCODINGS = ("learned", "sincos")
+
+
+def parse_layer_spec(spec: str) -> list[tuple[int, int]]:
+    """'(local)global...' -> [(local, global), ...], as pix2seq's `get_layer_config`.
+
+    A trailing ')' gets an implicit 0 global layers; every pair but the last needs global > 0.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"layers must be a spec string like '(2)4(2)', got {spec!r}")
+    text = spec + "0" if spec.endswith(")") else spec
+    if not re.fullmatch(r"(\(\d+\)\d+)+", text):
+        raise ValueError(f"layer_spec={spec!r} is not a FIT layer spec: expected '(local)global' "
+                         f"pairs such as '(2)4(2)' or '(1)2(1)2'")
+    pairs = [tuple(map(int, re.findall(r"\d+", block)))
+             for block in re.findall(r"\(\d+\)\d+", text)]
+    for i, (_, global_layers) in enumerate(pairs[:-1]):
+        if global_layers == 0:
+            raise ValueError(f"layer_spec={spec!r}: pair {i} has no global layers; only the last "
+                             f"pair may end without them")
+    return [(int(a), int(b)) for a, b in pairs]
+
+
+def chunk_causal_bias(num_groups: int, per_group: int) -> jax.Array:
+    """[T*m, T*m] additive bias: 0 where key group <= query group, -1e30 elsewhere."""
+    group = jnp.arange(num_groups * per_group) // per_group
+    return jnp.where(group[None, :] <= group[:, None], 0.0, _MASKED).astype(jnp.float32)
+
+
+class FITLayer(nnx.Module):
+    """Pre-LN self-attention + MLP (the reference's TransformerEncoderLayer)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, drop_path: float,
+                 dropout: float, attn_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        common = dict(dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
+        self.attn = layers.Attention(dim, num_heads, attn_impl=attn_impl, kernel_init=_GLOROT,
+                                     rngs=rngs, **common)
+        self.norm2 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
+        self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), drop=dropout, kernel_init=_GLOROT,
+                              rngs=rngs, **common)
+        self.drop_path = layers.DropPath(drop_path)
+
+    def __call__(self, x, bias=None, *, causal: bool = False, train: bool = False,
+                 rngs: nnx.Rngs | None = None):
+        y = self.attn(self.norm1(x), bias=bias, causal=causal, train=train, rngs=rngs)
+        x = x + self.drop_path(y, train=train, rngs=rngs)
+        y = self.mlp(self.norm2(x), train=train, rngs=rngs)
+        return x + self.drop_path(y, train=train, rngs=rngs)
+
+
+class CrossAttention(nnx.Module):
+    """q + MHA(LN(q), LN_kv(kv)): the read/write (and l2c) layers, no MLP."""
+
+    def __init__(self, q_dim: int, kv_dim: int, num_heads: int, key_width: int, *,
+                 attn_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        if key_width % num_heads:
+            raise ValueError(f"cross-attention key width {key_width} is not divisible by its "
+                             f"{num_heads} heads")
+        common = dict(dtype=dtype, param_dtype=param_dtype)
+        self.q_norm = layers.LayerNorm(q_dim, eps=NORM_EPS, **common)
+        self.kv_norm = layers.LayerNorm(kv_dim, eps=NORM_EPS, **common)
+        self.attn = layers.Attention(q_dim, num_heads, head_dim=key_width // num_heads,
+                                     cross_attention=True, kv_dim=kv_dim, attn_impl=attn_impl,
+                                     kernel_init=_GLOROT, rngs=rngs, **common)
+
+    def __call__(self, q, kv, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        return q + self.attn(self.q_norm(q), self.kv_norm(kv), train=train, rngs=rngs)
+
+
+def _run(layer, remat: bool, *args, train: bool, rngs, **static):
+    """layer(*args, train=..., rngs=..., **static), under nnx.remat when asked. The rngs go
+    through the transform as an argument (dropout keys advance inside it)."""
+    if not remat:
+        return layer(*args, train=train, rngs=rngs, **static)
+
+    def call(module, layer_rngs, *a):
+        return module(*a, train=train, rngs=layer_rngs, **static)
+
+    return nnx.remat(call)(layer, rngs, *args)
+
+
+class FITTrunk(nnx.Module):
+    """The interleaved local/global stack (module docstring); no embeddings, no heads."""
+
+    def __init__(self, *, layer_spec: str, num_groups: int, tokens_per_group: int,
+                 latents_per_group: int, x_dim: int, latent_dim: int, x_heads: int,
+                 latent_heads: int, mlp_ratio: float, drop_path_rate: float, dropout_rate: float,
+                 cond_attention: bool, remat: bool, attn_impl: str, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):
+        self.pairs = tuple(parse_layer_spec(layer_spec))
+        self.num_groups, self.tokens_per_group = num_groups, tokens_per_group
+        self.latents_per_group = latents_per_group
+        self.x_dim, self.latent_dim = x_dim, latent_dim
+        self.remat = bool(remat)
+        for name, dim, heads in (("x_dim", x_dim, x_heads),
+                                 ("latent_dim", latent_dim, latent_heads)):
+            if dim % heads:
+                raise ValueError(f"{name} ({dim}) must be divisible by its heads ({heads})")
+        common = dict(attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        layer_args = dict(drop_path=drop_path_rate, dropout=dropout_rate, **common)
+        rw_heads, rw_width = min(latent_heads, x_heads), min(latent_dim, x_dim)
+        x_nets, reads, l_nets, writes, l2c = [], [], [], [], []
+        for i, (local, global_) in enumerate(self.pairs):
+            x_nets.append(nnx.List([FITLayer(x_dim, x_heads, mlp_ratio, **layer_args)
+                                    for _ in range(local)]))
+            if global_:
+                reads.append(CrossAttention(latent_dim, x_dim, rw_heads, rw_width, **common))
+                l_nets.append(nnx.List([FITLayer(latent_dim, latent_heads, mlp_ratio,
+                                                 **layer_args) for _ in range(global_)]))
+                l2c.append(CrossAttention(latent_dim, latent_dim, latent_heads, latent_dim,
+                                          **common) if cond_attention else None)
+            else:
+                reads.append(None)
+                l_nets.append(nnx.List([]))
+                l2c.append(None)
+            writes.append(CrossAttention(x_dim, latent_dim, rw_heads, rw_width, **common)
+                          if i < len(self.pairs) - 1 else None)
+        self.x_networks, self.reads = nnx.List(x_nets), nnx.List(reads)
+        self.latent_networks, self.writes = nnx.List(l_nets), nnx.List(writes)
+        self.cond_attention = nnx.List(l2c)
+        self.x_norm = layers.LayerNorm(x_dim, eps=NORM_EPS, dtype=dtype, param_dtype=param_dtype)
+        self.latent_norm = layers.LayerNorm(latent_dim, eps=NORM_EPS, dtype=dtype,
+                                            param_dtype=param_dtype)
+
+    def __call__(self, x, latents, *, cond=None, autoregressive: bool = False,
+                 train: bool = False, rngs: nnx.Rngs | None = None):
+        """x [B, T, n, c], latents [B, T, m, d_l] (cond [B, S, d_l] for l2c) -> same shapes."""
+        b, t, n, c = x.shape
+        m, d = latents.shape[2], latents.shape[3]
+        x = x.reshape(b * t, n, c)
+        latent_bias = chunk_causal_bias(t, m)[None, None] if autoregressive else None
+        kw = dict(train=train, rngs=rngs)
+        for i, (local, global_) in enumerate(self.pairs):
+            for layer in self.x_networks[i]:
+                x = _run(layer, self.remat, x, causal=autoregressive, **kw)
+            if not global_:
+                continue
+            latents = _run(self.reads[i], self.remat, latents.reshape(b * t, m, d), x, **kw)
+            latents = latents.reshape(b, t * m, d)
+            if self.cond_attention[i] is not None:
+                latents = _run(self.cond_attention[i], self.remat, latents, cond, **kw)
+            for layer in self.latent_networks[i]:
+                latents = _run(layer, self.remat, latents, latent_bias, **kw)
+            latents = latents.reshape(b, t, m, d)
+            if self.writes[i] is not None:
+                source = latents
+                if autoregressive:  # group t writes from group t-1's latents; group 0: zeros
+                    source = jnp.concatenate([jnp.zeros_like(latents[:, :1]),
+                                              latents[:, :-1]], axis=1)
+                x = _run(self.writes[i], self.remat, x, source.reshape(b * t, m, d), **kw)
+        return self.x_norm(x.reshape(b, t, n, c)), self.latent_norm(latents)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces of the three heads
+# ---------------------------------------------------------------------------------------------
+
+def image_to_group_patches(images: jax.Array, groups_per_side: int, patch: int) -> jax.Array:
+    """[B, H, W, C] -> [B, T, n, p*p*C]: T = s*s sub-images (raster), each cut into n patches
+    (raster inside the sub-image), each patch flattened (row, column, channel)."""
+    b, h, w, ch = images.shape
+    s = groups_per_side
+    gh, gw = h // s // patch, w // s // patch
+    x = images.reshape(b, s, gh, patch, s, gw, patch, ch)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # b, sy, sx, gy, gx, py, px, ch
+    return x.reshape(b, s * s, gh * gw, patch * patch * ch)
+
+
+def group_patches_to_image(tokens: jax.Array, groups_per_side: int, patch: int, height: int,
+                           width: int) -> jax.Array:
+    """Inverse of `image_to_group_patches`."""
+    b = tokens.shape[0]
+    s = groups_per_side
+    gh, gw = height // s // patch, width // s // patch
+    ch = tokens.shape[-1] // (patch * patch)
+    x = tokens.reshape(b, s, s, gh, gw, patch, patch, ch).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(b, height, width, ch)
+
+
+class _FITBase(nnx.Module):
+    """Embedding tables and the trunk, shared by the three heads."""
+
+    def _init_trunk(self, *, layers_spec, num_groups, tokens_per_group, latents_per_group,
+                    x_dim, latent_dim, x_heads, latent_heads, mlp_ratio, drop_path_rate,
+                    dropout_rate, x_pos_encoding, x_pos_grid, cond_attention, remat,
+                    attn_impl, dtype, param_dtype, rngs):
+        for name, value in (("num_groups", num_groups), ("tokens_per_group", tokens_per_group),
+                            ("latents_per_group", latents_per_group), ("x_dim", x_dim),
+                            ("latent_dim", latent_dim), ("x_heads", x_heads),
+                            ("latent_heads", latent_heads)):
+            layers.check_positive_int(value, name)
+        if x_pos_encoding not in X_POS_ENCODINGS:
+            raise ValueError(f"x_pos_encoding must be one of {X_POS_ENCODINGS}, got "
+                             f"{x_pos_encoding!r}")
+        if attn_impl not in layers.ATTENTION_IMPLS:
+            raise ValueError(f"attn_impl must be one of {layers.ATTENTION_IMPLS}, got "
+                             f"{attn_impl!r}")
+        self.dtype = layers.canonical_dtype(dtype)
+        param_dtype = layers.canonical_dtype(param_dtype, "param_dtype")
+        self.num_groups, self.tokens_per_group = num_groups, tokens_per_group
+        self.latents_per_group, self.latent_dim = latents_per_group, latent_dim
+        self.dropout_rate = layers.check_rate(dropout_rate, "dropout_rate")
+        self.trunk = FITTrunk(
+                layer_spec=layers_spec, num_groups=num_groups,
+                tokens_per_group=tokens_per_group, latents_per_group=latents_per_group,
+                x_dim=x_dim, latent_dim=latent_dim, x_heads=x_heads, latent_heads=latent_heads,
+                mlp_ratio=mlp_ratio, drop_path_rate=layers.check_rate(drop_path_rate,
+                                                                      "drop_path_rate"),
+                dropout_rate=self.dropout_rate, cond_attention=cond_attention, remat=remat,
+                attn_impl=attn_impl, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.latent_pos_emb = nnx.Param(with_axes(_EMBED_INIT, ("latents", "embed"))(
+                rngs.params(), (num_groups * latents_per_group, latent_dim), param_dtype))
+        if x_pos_encoding == "learned":
+            self.x_pos_emb = nnx.Param(with_axes(_EMBED_INIT, ("pos", "embed"))(
+                    rngs.params(), (tokens_per_group, x_dim), param_dtype))
+        else:
+            if x_pos_grid is None or x_pos_grid[0] * x_pos_grid[1] != tokens_per_group:
+                raise ValueError("x_pos_encoding='sincos' needs a square grid of patches per "
+                                 "group (image models only)")
+            self.x_pos_emb = None
+        self.x_pos_grid, self.x_dim = x_pos_grid, x_dim
+        return param_dtype
+
+    def _x_pos(self):
+        if self.x_pos_emb is not None:
+            return self.x_pos_emb[...].astype(self.dtype)
+        # Fixed code, recomputed at trace time (a constant, not model state).
+        return layers.sincos_pos_embed_2d(*self.x_pos_grid, self.x_dim).astype(self.dtype)
+
+    def _initial_latents(self, batch: int):
+        latents = self.latent_pos_emb[...].astype(self.dtype).reshape(
+                1, self.num_groups, self.latents_per_group, self.latent_dim)
+        return jnp.broadcast_to(latents, (batch, *latents.shape[1:]))
+
+
+def _image_geometry(image_size, patch_size, num_groups):
+    height, width = layers._pair(image_size, "image_size")
+    patch = layers.check_positive_int(patch_size, "patch_size")
+    side = math.isqrt(layers.check_positive_int(num_groups, "num_groups"))
+    if side * side != num_groups:
+        raise ValueError(f"num_groups={num_groups} must be a square (groups are sqrt x sqrt "
+                         f"sub-images)")
+    if height % (side * patch) or width % (side * patch):
+        raise ValueError(f"image_size {(height, width)} must be divisible by "
+                         f"sqrt(num_groups) * patch_size = {side * patch}")
+    grid = (height // side // patch, width // side // patch)
+    return height, width, side, grid
+
+
+class FITEncoder(_FITBase):
+    """FIT encoder as an image classifier (module docstring). Call: model(images [B,H,W,C])."""
+
+    def __init__(self, *, image_size: int | Sequence[int] = 256, patch_size: int = 8,
+                 in_chans: int = 3, num_classes: int = 1000, layer_spec: str = "(2)4(2)4(2)",
+                 num_groups: int = 16, latents_per_group: int = 16, x_dim: int = 384,
+                 latent_dim: int = 768, x_heads: int = 6, latent_heads: int = 12,
+                 mlp_ratio: float = 4.0, x_pos_encoding: str = "learned",
+                 drop_path_rate: float = 0.0, dropout_rate: float = 0.0, remat: bool = False,
+                 attn_impl: str = "auto", dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        height, width, self.groups_per_side, grid = _image_geometry(image_size, patch_size,
+                                                                   num_groups)
+        self.patch_size, self.image_size = patch_size, (height, width)
+        param_dtype = self._init_trunk(
+                layers_spec=layer_spec, num_groups=num_groups, tokens_per_group=grid[0] * grid[1],
+                latents_per_group=latents_per_group, x_dim=x_dim, latent_dim=latent_dim,
+                x_heads=x_heads, latent_heads=latent_heads, mlp_ratio=mlp_ratio,
+                drop_path_rate=drop_path_rate, dropout_rate=dropout_rate,
+                x_pos_encoding=x_pos_encoding, x_pos_grid=grid, cond_attention=False,
+                remat=remat, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs)
+        common = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.stem = _linear(patch_size * patch_size * in_chans, x_dim, **common)
+        self.stem_norm = _norm(x_dim, self.dtype, param_dtype)
+        self.pool_latents = self.trunk.pairs[-1][1] > 0
+        width_out = latent_dim if self.pool_latents else x_dim
+        self.head = (_linear(width_out, num_classes, axes=("embed", "classes"), **common)
+                     if num_classes else None)
+
+    def forward_features(self, images, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        """Images -> (tokens [B, T, n, c], latents [B, T, m, d_l]), both layer-normalised."""
+        if images.ndim != 4 or tuple(images.shape[1:3]) != self.image_size:
+            raise ValueError(f"FITEncoder expects images [B, {self.image_size[0]}, "
+                             f"{self.image_size[1]}, C], got {images.shape}")
+        x = image_to_group_patches(images.astype(self.dtype), self.groups_per_side,
+                                   self.patch_size)
+        x = self.stem_norm(self.stem(x)) + self._x_pos()
+        x = layers.dropout(x, self.dropout_rate, train=train, rngs=rngs)
+        return self.trunk(x, self._initial_latents(x.shape[0]), train=train, rngs=rngs)
+
+    def __call__(self, images, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        x, latents = self.forward_features(images, train=train, rngs=rngs)
+        pooled = jnp.mean(latents if self.pool_latents else x, axis=(1, 2))
+        return pooled if self.head is None else self.head(pooled)
+
+
+class FITAR(_FITBase):
+    """FIT autoregressive LM: model(tokens [B, L]) -> logits [B, L, vocab], L = T * n."""
+
+    def __init__(self, *, vocab_size: int = 256, seq_len: int = 1024, layer_spec: str = "(2)4(2)",
+                 num_groups: int = 16, latents_per_group: int = 16, x_dim: int = 256,
+                 latent_dim: int = 512, x_heads: int = 4, latent_heads: int = 8,
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+                 dropout_rate: float = 0.0, remat: bool = False, attn_impl: str = "auto",
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        seq_len = layers.check_positive_int(seq_len, "seq_len")
+        num_groups = layers.check_positive_int(num_groups, "num_groups")
+        if seq_len % num_groups:
+            raise ValueError(f"seq_len={seq_len} must be divisible by num_groups={num_groups}")
+        self.vocab_size = layers.check_positive_int(vocab_size, "vocab_size")
+        self.seq_len = seq_len
+        param_dtype = self._init_trunk(
+                layers_spec=layer_spec, num_groups=num_groups,
+                tokens_per_group=seq_len // num_groups, latents_per_group=latents_per_group,
+                x_dim=x_dim, latent_dim=latent_dim, x_heads=x_heads, latent_heads=latent_heads,
+                mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, dropout_rate=dropout_rate,
+                x_pos_encoding="learned", x_pos_grid=None, cond_attention=False, remat=remat,
+                attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.token_embedding = nnx.Param(with_axes(_EMBED_INIT, ("vocab", "embed"))(
+                rngs.params(), (self.vocab_size, x_dim), param_dtype))
+        self.output_bias = nnx.Param(with_axes(_EMBED_INIT, ("vocab",))(
+                rngs.params(), (self.vocab_size,), param_dtype))
+
+    def __call__(self, tokens, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        if tokens.ndim != 2 or tokens.shape[1] != self.seq_len:
+            raise ValueError(f"FITAR expects tokens [B, {self.seq_len}] (seq_len = num_groups "
+                             f"* tokens_per_group), got {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        b = tokens.shape[0]
+        t, n = self.num_groups, self.tokens_per_group
+        x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(self.dtype)
+        x = x.reshape(b, t, n, -1) + self._x_pos()
+        x = layers.dropout(x, self.dropout_rate, train=train, rngs=rngs)
+        x, _ = self.trunk(x, self._initial_latents(b), autoregressive=True, train=train,
+                          rngs=rngs)
+        logits = jnp.einsum("btnc,vc->btnv", x, self.token_embedding[...].astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return (logits + self.output_bias[...].astype(jnp.float32)).reshape(b, t * n, -1)
+
+
+class ScalarEmbedding(nnx.Module):
+    """pix2seq ScalarEmbedding: sin-cos of (scaling * t) in `dim` channels, normalised per
+    example, Dense(dim*expansion) -> SiLU -> Dense(dim*expansion) (no final SiLU)."""
+
+    def __init__(self, dim: int, *, scaling: float = 1000.0, expansion: int = 4, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):
+        if dim % 2:
+            raise ValueError(f"ScalarEmbedding dim must be even, got {dim}")
+        self.dim, self.scaling = dim, float(scaling)
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense0 = _linear(dim, dim * expansion, **common)
+        self.dense1 = _linear(dim * expansion, dim * expansion, **common)
+
+    def __call__(self, t):
+        half = self.dim // 2
+        # pix2seq positional_encoding: frequencies exp(-log(10000) * k / (half - 1)).
+        freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / max(half - 1, 1))
+        angles = (t.astype(jnp.float32) * self.scaling)[:, None] * freqs[None]
+        code = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+        code = (code - code.mean(-1, keepdims=True)) / (code.std(-1, keepdims=True) + 1e-12)
+        return self.dense1(jax.nn.silu(self.dense0(code)))
+
+
+class FITDenoiser(_FITBase):
+    """FIT diffusion denoiser (module docstring).
+
+    Call: model(images [B,H,W,C], t [B] in [0,1], *, cond=None [B, cond_dim] or [B,S,cond_dim],
+    latents_prev=None [B,T,m,d_l]) -> (prediction [B,H,W,C], latents [B,T,m,d_l]).
+    """
+
+    def __init__(self, *, image_size: int | Sequence[int] = 64, patch_size: int = 4,
+                 in_chans: int = 3, cond_dim: int = 0, layer_spec: str = "(2)4(2)4(2)",
+                 num_groups: int = 4, latents_per_group: int = 32, x_dim: int = 256,
+                 latent_dim: int = 512, x_heads: int = 4, latent_heads: int = 8,
+                 mlp_ratio: float = 4.0, self_condition: bool = True,
+                 x_pos_encoding: str = "learned", drop_path_rate: float = 0.0,
+                 dropout_rate: float = 0.0, remat: bool = False, attn_impl: str = "auto",
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        height, width, self.groups_per_side, grid = _image_geometry(image_size, patch_size,
+                                                                   num_groups)
+        if latent_dim % 8:
+            raise ValueError(f"latent_dim={latent_dim} must be a multiple of 8 (the time "
+                             f"embedding has latent_dim // 4 sin-cos channels)")
+        self.patch_size, self.image_size, self.in_chans = patch_size, (height, width), in_chans
+        self.cond_dim = int(cond_dim)
+        param_dtype = self._init_trunk(
+                layers_spec=layer_spec, num_groups=num_groups, tokens_per_group=grid[0] * grid[1],
+                latents_per_group=latents_per_group, x_dim=x_dim, latent_dim=latent_dim,
+                x_heads=x_heads, latent_heads=latent_heads, mlp_ratio=mlp_ratio,
+                drop_path_rate=drop_path_rate, dropout_rate=dropout_rate,
+                x_pos_encoding=x_pos_encoding, x_pos_grid=grid, cond_attention=True,
+                remat=remat, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs)
+        common = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        patch_dim = patch_size * patch_size * in_chans
+        self.stem = _linear(patch_dim, x_dim, **common)
+        self.stem_norm = _norm(x_dim, self.dtype, param_dtype)
+        self.time_emb = ScalarEmbedding(latent_dim // 4, **common)
+        self.cond_proj = _linear(self.cond_dim, latent_dim, **common) if self.cond_dim else None
+        self.self_condition = bool(self_condition)
+        if self.self_condition:
+            # pix2seq MLP(num_layers=1): x + FFN(LN(x)), then LN with zero-initialised scale.
+            self.latent_prev_norm = _norm(latent_dim, self.dtype, param_dtype)
+            self.latent_prev_mlp = layers.Mlp(latent_dim, int(latent_dim * mlp_ratio),
+                                              kernel_init=_GLOROT, **common)
+            self.latent_prev_out_norm = layers.LayerNorm(latent_dim, eps=NORM_EPS,
+                                                         dtype=self.dtype,
+                                                         param_dtype=param_dtype)
+            self.latent_prev_out_norm.scale.set_value(
+                    jnp.zeros_like(self.latent_prev_out_norm.scale[...]))
+        self.output_norm = _norm(x_dim, self.dtype, param_dtype)
+        self.output = _linear(x_dim, patch_dim, **common)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.num_groups, self.latents_per_group, self.latent_dim)
+
+    def __call__(self, images, t, *, cond=None, latents_prev=None, train: bool = False,
+                 rngs: nnx.Rngs | None = None):
+        if images.ndim != 4 or tuple(images.shape[1:3]) != self.image_size:
+            raise ValueError(f"FITDenoiser expects images [B, {self.image_size[0]}, "
+                             f"{self.image_size[1]}, C], got {images.shape}")
+        b = images.shape[0]
+        if t.shape != (b,):
+            raise ValueError(f"t must be [batch={b}] times in [0, 1], got shape {t.shape}")
+        if self.cond_dim and cond is None:
+            raise ValueError(f"this denoiser is conditional (cond_dim={self.cond_dim}): pass "
+                             f"cond [B, {self.cond_dim}]")
+        x = image_to_group_patches(images.astype(self.dtype), self.groups_per_side,
+                                   self.patch_size)
+        x = self.stem_norm(self.stem(x)) + self._x_pos()
+        latents = self._initial_latents(b)
+        if self.self_condition:
+            prev = (jnp.zeros((b, *self.latent_shape), self.dtype) if latents_prev is None
+                    else latents_prev.astype(self.dtype))
+            prev = prev + self.latent_prev_mlp(self.latent_prev_norm(prev))
+            latents = latents + self.latent_prev_out_norm(prev)
+        context = self.time_emb(t)[:, None]
+        if self.cond_proj is not None:
+            c = cond.astype(self.dtype)
+            c = self.cond_proj(c[:, None] if c.ndim == 2 else c)
+            context = jnp.concatenate([context, c.astype(context.dtype)], axis=1)
+        x, latents = self.trunk(x, latents, cond=context.astype(self.dtype), train=train,
+                                rngs=rngs)
+        out = self.output(self.output_norm(x))
+        image = group_patches_to_image(out, self.groups_per_side, self.patch_size,
+                                       *self.image_size)
+        return image.astype(jnp.float32), latents
+
+
+def _linear(in_features, out_features, *, axes=("embed", "mlp"), dtype, param_dtype, rngs):
+    return layers.Linear(in_features, out_features, axes=axes, kernel_init=_GLOROT,
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def _norm(dim, dtype, param_dtype):
+    return layers.LayerNorm(dim, eps=NORM_EPS, dtype=dtype, param_dtype=param_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter count from the configuration (papers.md §1.8), tested against the modules.
+# ---------------------------------------------------------------------------------------------
+
+def _self_layer(dim, r):
+    return (4 + 2 * r) * dim * dim + (9 + r) * dim
+
+
+def _cross_layer(q_w, kv_w, k):
+    return q_w * k + k + 2 * (kv_w * k + k) + k * q_w + q_w + 2 * q_w + 2 * kv_w
+
+
+def trunk_param_count(*, layer_spec: str, x_dim: int, latent_dim: int, mlp_ratio: float = 4.0,
+                      cond_attention: bool = False) -> int:
+    """Parameters of the trunk: local/global layers, read/write (+ l2c) layers, output LNs."""
+    r = int(mlp_ratio)
+    pairs = parse_layer_spec(layer_spec)
+    k = min(x_dim, latent_dim)
+    total = 2 * x_dim + 2 * latent_dim  # output LayerNorms
+    for i, (local, global_) in enumerate(pairs):
+        total += local * _self_layer(x_dim, r)
+        if global_:
+            total += global_ * _self_layer(latent_dim, r) + _cross_layer(latent_dim, x_dim, k)
+            if cond_attention:
+                total += _cross_layer(latent_dim, latent_dim, latent_dim)
+        if i < len(pairs) - 1:
+            total += _cross_layer(x_dim, latent_dim, k)
+    return total
+
+
+def fit_param_count(kind: str, **config) -> int:
+    """Whole-model count for kind in {"encoder", "ar", "denoiser"} from builder arguments."""
+    c = {**dict(inspect.signature({"encoder": FITEncoder, "ar": FITAR,
+                                    "denoiser": FITDenoiser}[kind].__init__).parameters
+                     .items()), **config}
+    default = lambda name: (c[name].default if isinstance(c[name], inspect.Parameter)  # noqa
+                            else c[name])
+    x_dim, d_l, r = default("x_dim"), default("latent_dim"), int(default("mlp_ratio"))
+    groups, m = default("num_groups"), default("latents_per_group")
+    total = trunk_param_count(layer_spec=default("layer_spec"), x_dim=x_dim, latent_dim=d_l,
+                              mlp_ratio=r, cond_attention=kind == "denoiser")
+    total += groups * m * d_l  # latent_pos_emb
+    if kind == "ar":
+        vocab, n = default("vocab_size"), default("seq_len") // groups
+        return total + n * x_dim + vocab * x_dim + vocab
+    size = default("image_size")
+    side = math.isqrt(groups)
+    p, ch = default("patch_size"), default("in_chans")
+    n = (size // side // p) ** 2
+    patch_dim = p * p * ch
+    total += patch_dim * x_dim + x_dim + 2 * x_dim  # stem + stem LN
+    if default("x_pos_encoding") == "learned":
+        total += n * x_dim
+    if kind == "encoder":
+        classes = default("num_classes")
+        pooled = d_l if parse_layer_spec(default("layer_spec"))[-1][1] else x_dim
+        return total + (pooled * classes + classes if classes else 0)
+    e = d_l // 4
+    total += e * d_l + d_l + d_l * d_l + d_l  # time embedding
+    cond = default("cond_dim")
+    total += cond * d_l + d_l if cond else 0
+    if default("self_condition"):
+        # LN + MLP block (2 r d^2 + r d + d) + the zero-scale output LN
+        total += 2 * d_l + 2 * r * d_l * d_l + r * d_l + d_l + 2 * d_l
+    return total + 2 * x_dim + x_dim * patch_dim + patch_dim  # output LN + Dense
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered variants. Sizes are ours (the paper's are not in the released code), stated below.
+# ---------------------------------------------------------------------------------------------
+
+ENCODER_ARGS = tuple(p for p in inspect.signature(FITEncoder.__init__).parameters
+                     if p not in ("self", "rngs"))
+AR_ARGS = tuple(p for p in inspect.signature(FITAR.__init__).parameters
+                if p not in ("self", "rngs"))
+DENOISER_ARGS = tuple(p for p in inspect.signature(FITDenoiser.__init__).parameters
+                      if p not in ("self", "rngs"))
+
+
+def _build(cls, allowed, name, base, rngs, overrides):
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {name} argument(s) {unknown}; allowed: {list(allowed)}")
+    return cls(**{**base, **overrides}, rngs=rngs)
+
+
+_PAPER = ("Chen & Li 2023, FIT: Far-reaching Interleaved Transformers, arXiv:2305.12689")
+_REFERENCE = "google-research/pix2seq architectures/transformers.py (FIT, FITAR, FITDenoiser)"
+
+_ENCODER_B = dict(image_size=256, patch_size=8, num_classes=1000, layer_spec="(2)4(2)4(2)",
+                  num_groups=16, latents_per_group=16, x_dim=384, latent_dim=768, x_heads=6,
+                  latent_heads=12)
+_AR_SMALL = dict(vocab_size=256, seq_len=1024, layer_spec="(2)4(2)4(2)", num_groups=16,
+                 latents_per_group=16, x_dim=256, latent_dim=512, x_heads=4, latent_heads=8)
+_DENOISER_64 = dict(image_size=64, patch_size=4, layer_spec="(2)4(2)4(2)", num_groups=4,
+                    latents_per_group=32, x_dim=256, latent_dim=512, x_heads=4,
+                    latent_heads=8)
+
+
+@register_model(paper=_PAPER, reference=_REFERENCE,
+                default_input={"image": ((256, 256, 3), "float32")},
+                config="configs/fit.py:encoder",
+                tiny=dict(image_size=32, patch_size=4, num_classes=10, layer_spec="(1)1(1)",
+                          num_groups=4, latents_per_group=4, x_dim=16, latent_dim=32,
+                          x_heads=2, latent_heads=2),
+                tiny_input={"image": ((32, 32, 3), "float32")},
+                notes="Our size (the paper's are unverified): 256 px, patch 8 -> 1024 patches "
+                      "in 16 groups of 64, 16 latents per group, c=384, d_l=768, "
+                      "'(2)4(2)4(2)'; ImageNet classifier on the mean of the output latents.")
+def fit_encoder_b(*, rngs: nnx.Rngs, **overrides) -> FITEncoder:
+    return _build(FITEncoder, ENCODER_ARGS, "fit_encoder_b", _ENCODER_B, rngs, overrides)
+
+
+@register_model(paper=_PAPER, reference=_REFERENCE,
+                default_input={"tokens": ((1024,), "int32")},
+                config="configs/fit.py:ar",
+                tiny=dict(vocab_size=64, seq_len=16, layer_spec="(1)1(1)", num_groups=4,
+                          latents_per_group=2, x_dim=16, latent_dim=32, x_heads=2,
+                          latent_heads=2),
+                tiny_input={"tokens": ((16,), "int32")},
+                notes="Our size: byte-level (vocab 256) context 1024 in 16 groups of 64 tokens, "
+                      "16 latents per group, c=256, d_l=512, '(2)4(2)4(2)'.")
+def fit_ar_small(*, rngs: nnx.Rngs, **overrides) -> FITAR:
+    return _build(FITAR, AR_ARGS, "fit_ar_small", _AR_SMALL, rngs, overrides)
+
+
+@register_model(paper=_PAPER, reference=_REFERENCE,
+                default_input={"images": ((64, 64, 3), "float32"), "t": ((), "float32")},
+                config="configs/fit.py:denoiser",
+                tiny=dict(image_size=16, patch_size=2, layer_spec="(1)1(1)", num_groups=4,
+                          latents_per_group=4, x_dim=16, latent_dim=32, x_heads=2,
+                          latent_heads=2),
+                tiny_input={"images": ((16, 16, 3), "float32"), "t": ((), "float32")},
+                notes="Our size: 64x64 pixels, patch 4 -> 256 patches in 4 sub-image groups, "
+                      "32 latents per group, c=256, d_l=512, '(2)4(2)4(2)', unconditional by "
+                      "default (cond_dim > 0 for class-conditional); returns (image, latents).")
+def fit_denoiser_64(*, rngs: nnx.Rngs, **overrides) -> FITDenoiser:
+    return _build(FITDenoiser, DENOISER_ARGS, "fit_denoiser_64", _DENOISER_64, rngs,
+                  overrides)

@@ -1,0 +1,108 @@
+"""Pixel diffusion: the "image_diffusion" task (FIT denoiser, zoo/diffusion.py).
+
+Data: the classification pipeline's images (generated, image folders, ArrayRecord, TFDS; the
+same `config.data` fields), un-normalised back to pixels and scaled to [-1, 1]. Labels are
+used only by class-conditional denoisers (model `cond_dim` = data.num_classes: one-hot).
+
+Training loss: eps-prediction MSE with latent self-conditioning (zoo.diffusion.denoising_loss,
+config.diffusion_* fields below come from the model overrides' neighbours in `config.model`).
+Eval: the same loss at fixed, evenly spaced times and fixed noise (deterministic, so eval
+numbers are comparable across steps and runs), overall and for the low-noise (t < 0.5) and
+high-noise halves.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo import diffusion
+from zoo.training import data as data_lib
+from zoo.training.config import ConfigError
+from zoo.training.tasks import Task, register_task
+
+TASK = "image_diffusion"
+SCHEDULE = "cosine"
+SELF_COND_RATE = 0.5
+_MEAN = jnp.asarray(data_lib.IMAGENET_MEAN / 255.0)
+_STD = jnp.asarray(data_lib.IMAGENET_STD / 255.0)
+
+
+def to_unit_range(normalised: jax.Array) -> jax.Array:
+    """Pipeline images (ImageNet-normalised) -> pixels in [-1, 1]."""
+    return jnp.clip(normalised * _STD + _MEAN, 0.0, 1.0) * 2.0 - 1.0
+
+
+def to_uint8(images: jax.Array) -> np.ndarray:
+    """[-1, 1] images -> uint8 pixels."""
+    return np.asarray(jnp.round((jnp.clip(images, -1, 1) + 1) * 127.5)).astype(np.uint8)
+
+
+@register_task(TASK)
+class ImageDiffusionTask(Task):
+    """{"image", "label"} batches -> eps-prediction loss of a denoiser (module docstring)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.image_size = int(config.data.image_size)
+        self.num_classes = int(config.data.num_classes)
+        self.conditional = int(config.model.overrides.get("cond_dim", 0)) > 0
+
+    def check_config(self, config) -> None:
+        overrides = config.model.overrides
+        if "image_size" in overrides and overrides.image_size != config.data.image_size:
+            raise ConfigError(f"config.model.overrides.image_size={overrides.image_size!r} must "
+                              f"equal config.data.image_size={config.data.image_size!r}")
+        cond = overrides.get("cond_dim", 0)
+        if cond not in (0, config.data.num_classes):
+            raise ConfigError(f"config.model.overrides.cond_dim={cond!r} must be 0 "
+                              f"(unconditional) or config.data.num_classes="
+                              f"{config.data.num_classes} (class-conditional, one-hot labels)")
+
+    def input_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        side = self.image_size
+        return {"images": jax.ShapeDtypeStruct((batch_size, side, side, 3), jnp.float32),
+                "t": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+
+    def _cond(self, batch):
+        if not self.conditional:
+            return None
+        return jax.nn.one_hot(batch["label"], self.num_classes, dtype=jnp.float32)
+
+    def loss_and_metrics(self, model, batch, rngs, train):
+        # t, noise and the self-conditioning coin: a key from the step's rng stream.
+        key = rngs.dropout() if rngs is not None else jax.random.key(0)
+        loss, _ = diffusion.denoising_loss(model, to_unit_range(batch["image"]), key,
+                                           cond=self._cond(batch), schedule=SCHEDULE,
+                                           self_cond_rate=SELF_COND_RATE if train else 0.0,
+                                           train=train, rngs=rngs)
+        return loss, {}
+
+    def eval_sums(self, model, batch):
+        x0 = to_unit_range(batch["image"])
+        b = x0.shape[0]
+        t = (jnp.arange(b, dtype=jnp.float32) + 0.5) / b
+        noise = jax.random.normal(jax.random.key(0), x0.shape, jnp.float32)
+        x_t = diffusion.add_noise(x0, t, noise, SCHEDULE)
+        eps, _ = model(x_t, t, cond=self._cond(batch))
+        per_example = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise), axis=(1, 2, 3))
+        mask = batch["mask"].astype(jnp.float32)
+        low = (t < 0.5).astype(jnp.float32) * mask
+        return {"count": jnp.sum(mask), "loss": jnp.sum(mask * per_example),
+                "low_noise_count": jnp.sum(low), "low_noise_loss": jnp.sum(low * per_example),
+                "high_noise_loss": jnp.sum((mask - low) * per_example)}
+
+    def finalize_eval(self, sums: Mapping[str, float]) -> dict[str, Any]:
+        if sums["count"] <= 0:
+            raise ValueError("the eval split produced no examples (sum of masks is 0)")
+        high = sums["count"] - sums["low_noise_count"]
+        return {"loss": sums["loss"] / sums["count"],
+                "loss_t_below_0.5": sums["low_noise_loss"] / max(sums["low_noise_count"], 1),
+                "loss_t_above_0.5": sums["high_noise_loss"] / max(high, 1),
+                "count": int(round(sums["count"]))}
+
+
+# The images come from the classification pipeline unchanged.
+data_lib.register_data_task(TASK, data_lib._DATA_TASKS["classification"])
