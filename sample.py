@@ -25,6 +25,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from zoo.training import evaluate
+
 _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "Config file and variant the run was trained with.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
@@ -72,22 +74,6 @@ def decode(config, tokens: np.ndarray) -> str:
     return ",".join(str(int(t)) for t in tokens)
 
 
-def load_model(config, workdir: str, step: int | None):
-    """(step, model) with the checkpoint's variables on the first local device."""
-    from jax.sharding import SingleDeviceSharding
-
-    from zoo.training import checkpoint as ckpt_lib
-    from zoo.training import state as state_lib
-
-    skeleton = state_lib.ModelSkeleton(config)
-    device = SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          skeleton.abstract_pure())
-    step, model_state = ckpt_lib.restore_model_only(os.path.join(workdir, "checkpoints"),
-                                                    target, step)
-    return step, skeleton.build(model_state)
-
-
 def image_grid(images: np.ndarray, per_row: int = 4) -> np.ndarray:
     """[N, H, W, C] uint8 -> one [rows*(H+2), per_row*(W+2), C] grid with 2-pixel gutters."""
     n, h, w, c = images.shape
@@ -109,7 +95,7 @@ def sample_images(config, workdir: str, *, step: int | None, num_samples: int, s
 
     if num_samples < 1:
         raise ValueError(f"--num_samples={num_samples} must be >= 1")
-    step, model = load_model(config, workdir, step)
+    step, model = evaluate.load_model(config, workdir, step)
     cond = None
     if getattr(model, "cond_dim", 0):
         labels = np.arange(num_samples) % model.cond_dim
@@ -136,7 +122,7 @@ def sample_checkpoint(config, workdir: str, *, step: int | None, prompt: str,
     if num_samples < 1:
         raise ValueError(f"--num_samples={num_samples} must be >= 1")
     tokens = prompt_tokens(config, prompt, prompt_ids)
-    step, model = load_model(config, workdir, step)
+    step, model = evaluate.load_model(config, workdir, step)
     logging.info("sampling from the model of step %d", step)
     prompts = np.repeat(tokens[None, :], num_samples, axis=0)
     out = generate_lib.generate(model, jax.numpy.asarray(prompts),

@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     # classification: generated | image_folder | array_record | tfds
     # language_modeling: embedded_text | token_files (zoo/training/lm.py)
+    # novel_view_synthesis: generated_multiview | multiview_folder (zoo/training/multiview.py)
     c.data.source = "generated"
     c.data.path = ""  # root folder / file glob / TFDS data dir, for non-generated sources
     c.data.name = ""  # TFDS dataset name (tfds source only)
@@ -42,6 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.vocab_size = 256  # 256 = byte-level (embedded_text)
     c.data.token_dtype = "uint16"  # token_files: uint16 | uint32 ids in <path>/<split>.bin
     c.data.bytes_per_token = 0.0  # token_files: corpus bytes per token, for bits_per_byte
+    # novel_view_synthesis only (zoo/training/multiview.py); image_size is then the height
+    c.data.image_width = 0  # 0 = image_size (square)
+    c.data.views_per_scene = 6  # generated_multiview: views rendered per scene
+    c.data.num_scenes = 64  # generated_multiview: train scenes (eval: an eighth)
+    c.data.target_views = 4  # views an example renders besides its input view
+    c.data.rays_per_view = 64  # random pixels per target view and training example
 
     # --- optimisation ------------------------------------------------------------------------
     c.total_steps = 100

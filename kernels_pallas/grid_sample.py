@@ -1,12 +1,15 @@
 """Bilinear sampling of feature maps at continuous coordinates, with PyTorch
-`F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)` semantics
-(the sampling VSA's reference code uses), channels-last.
+`F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=...)` semantics,
+channels-last: align_corners=True is what VSA's reference code uses, align_corners=False what
+NViST's TensoRF renderer uses.
 
 Conventions:
   * coords[..., 0] is x (along the width), coords[..., 1] is y (along the height), both
-    normalised to [-1, 1] with align_corners=True: -1 and +1 are the centres of the first and
-    last pixel, pixel i sits at -1 + 2 i / (size - 1). An axis of size 1 maps every coordinate
+    normalised to [-1, 1]. align_corners=True: -1 and +1 are the centres of the first and
+    last pixel, pixel i sits at -1 + 2 i / (size - 1); an axis of size 1 maps every coordinate
     to its single pixel (torch's unnormalisation multiplies by size - 1 = 0).
+    align_corners=False: -1 and +1 are the outer edges of the map, pixel i sits at
+    -1 + (2 i + 1) / size.
   * Zero padding: each of the four neighbours that falls outside the map contributes zero (its
     bilinear weight is dropped, the others keep theirs), so a point half a pixel outside the
     border gets half the border value and a point a full pixel outside gets 0.
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 
-def grid_sample(x: jax.Array, coords: jax.Array) -> jax.Array:
+def grid_sample(x: jax.Array, coords: jax.Array, *, align_corners: bool = True) -> jax.Array:
     """x: [N, H, W, C]; coords: [N, *out, 2] (x, y in [-1, 1]) -> [N, *out, C] in x.dtype."""
     if x.ndim != 4:
         raise ValueError(f"grid_sample expects x of shape [N, H, W, C], got {x.shape}")
@@ -33,9 +36,12 @@ def grid_sample(x: jax.Array, coords: jax.Array) -> jax.Array:
     n, height, width, channels = x.shape
     out_shape = coords.shape[1:-1]
     coords = coords.reshape(n, -1, 2).astype(jnp.float32)
-    # align_corners=True: [-1, 1] -> [0, size - 1] pixel units.
-    px = (coords[..., 0] + 1.0) * (0.5 * (width - 1))
-    py = (coords[..., 1] + 1.0) * (0.5 * (height - 1))
+    if align_corners:  # [-1, 1] -> [0, size - 1] pixel units
+        px = (coords[..., 0] + 1.0) * (0.5 * (width - 1))
+        py = (coords[..., 1] + 1.0) * (0.5 * (height - 1))
+    else:  # [-1, 1] -> [-0.5, size - 0.5]
+        px = ((coords[..., 0] + 1.0) * width - 1.0) * 0.5
+        py = ((coords[..., 1] + 1.0) * height - 1.0) * 0.5
     x0 = jnp.floor(px)
     y0 = jnp.floor(py)
     wx1, wy1 = px - x0, py - y0

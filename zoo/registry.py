@@ -142,6 +142,8 @@ _MODEL_MODULES: tuple[str, ...] = (
         "zoo.swin",
         "zoo.vsa",
         "zoo.fit",
+        "zoo.mae",
+        "zoo.nvist",
 )
 
 

@@ -9,14 +9,17 @@ import pytest
 from kernels_pallas.grid_sample import grid_sample
 
 
-def loop_reference(x: np.ndarray, coords: np.ndarray) -> np.ndarray:
+def loop_reference(x: np.ndarray, coords: np.ndarray, align_corners=True) -> np.ndarray:
     """Direct per-point bilinear interpolation in float64, written from the definition."""
     n, h, w, c = x.shape
     points = coords.reshape(n, -1, 2)
     out = np.zeros((n, points.shape[1], c))
     for b in range(n):
         for p, (cx, cy) in enumerate(points[b]):
-            px, py = (cx + 1) / 2 * (w - 1), (cy + 1) / 2 * (h - 1)
+            if align_corners:
+                px, py = (cx + 1) / 2 * (w - 1), (cy + 1) / 2 * (h - 1)
+            else:
+                px, py = ((cx + 1) * w - 1) / 2, ((cy + 1) * h - 1) / 2
             x0, y0 = int(np.floor(px)), int(np.floor(py))
             for ix, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
                 for iy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
@@ -60,6 +63,20 @@ def test_random_points_match_the_loop_reference(dtype, atol):
     assert out.dtype == dtype and out.shape == (2, 4, 6, 3)
     np.testing.assert_allclose(np.asarray(out, np.float32), loop_reference(x, coords),
                                atol=atol)
+
+
+def test_align_corners_false_pixel_centres_and_random_points():
+    x = jnp.asarray([[[[1.0], [3.0], [5.0], [7.0]]]])  # H = 1, W = 4
+    # Pixel centres at -1 + (2i + 1)/4; the outer edges +-1 are half outside (zero padding).
+    coords = jnp.asarray([[[[-0.75, 0.0], [0.25, 0.0], [0.0, 0.0], [-1.0, 0.0], [1.0, 0.0]]]])
+    out = np.asarray(grid_sample(x, coords, align_corners=False))[0, 0, :, 0]
+    np.testing.assert_allclose(out, [1.0, 5.0, 4.0, 0.5, 3.5], atol=1e-6)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 3, 2)).astype(np.float32)
+    coords = rng.uniform(-1.3, 1.3, (2, 5, 2)).astype(np.float32)[:, :, None, :]
+    np.testing.assert_allclose(
+            np.asarray(grid_sample(jnp.asarray(x), jnp.asarray(coords), align_corners=False)),
+            loop_reference(x, coords, align_corners=False), atol=1e-5)
 
 
 def test_gradients_match_finite_differences():

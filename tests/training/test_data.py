@@ -499,7 +499,8 @@ def test_extension_table_and_batch_spec():
     config = _config()
     spec = data.batch_spec(config, train=False)
     # The lookup imported the task modules, which registered their data halves.
-    assert set(data._DATA_TASKS) == {"classification", "language_modeling"}
+    assert set(data._DATA_TASKS) == {"classification", "language_modeling", "image_diffusion",
+                                     "novel_view_synthesis"}
     assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {
             "image": ((4, 8, 8, 3), np.float32), "label": ((4,), np.int32),
             "mask": ((4,), np.float32)}

@@ -52,3 +52,20 @@ def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
     with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
         json.dump(result, f)
     return result
+
+
+def load_model(config, workdir: str, step: int | None):
+    """(step, model) with the checkpoint's variables on the first local device (for sampling
+    and rendering CLIs; `evaluate_checkpoint` restores onto a mesh instead)."""
+    from jax.sharding import SingleDeviceSharding
+
+    from zoo.training import checkpoint as ckpt_lib
+    from zoo.training import state as state_lib
+
+    skeleton = state_lib.ModelSkeleton(config)
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          skeleton.abstract_pure())
+    step, model_state = ckpt_lib.restore_model_only(os.path.join(workdir, "checkpoints"),
+                                                    target, step)
+    return step, skeleton.build(model_state)

@@ -23,7 +23,8 @@ from zoo.training.config import ConfigError
 _TASKS: dict[str, type["Task"]] = {}
 
 # Modules that register further tasks (imported on first lookup, as the model registry does).
-_TASK_MODULES: tuple[str, ...] = ("zoo.training.lm", "zoo.training.diffusion_task")
+_TASK_MODULES: tuple[str, ...] = ("zoo.training.lm", "zoo.training.diffusion_task",
+                                   "zoo.training.multiview")
 
 
 def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
