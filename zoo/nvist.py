@@ -45,6 +45,7 @@ Init: all Linear Xavier-uniform with zero bias (the reference's `use_adaln_zero=
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Sequence
 
@@ -304,6 +305,9 @@ class NViST(nnx.Module):
         planes, lines = self.radiance_field(images, camera_params, train=train, rngs=rngs)
         return self.renderer(rays_o, rays_d, planes, lines, rng=rng)
 
+
+MODEL_ARGS = tuple(p for p in inspect.signature(NViST.__init__).parameters
+                   if p not in ("self", "rngs"))
 
 _PAPER = ("Jang & Agapito 2024, NViST: In the Wild New View Synthesis from a Single Image "
           "with Transformers (CVPR), arXiv:2312.08568")

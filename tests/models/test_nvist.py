@@ -202,3 +202,52 @@ def test_ssim_properties():
     np.testing.assert_allclose(np.asarray(s1), np.asarray(s2), rtol=1e-5)
     assert float(s1.max()) < 0.9
     assert float(multiview.psnr(jnp.asarray(0.01))) == pytest.approx(20.0)
+
+
+def load_fixture():
+    import json
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "fixtures", "nvist_small_random.npz")
+    data = np.load(path)
+    state = {k[len("state/"):]: data[k] for k in data.files if k.startswith("state/")}
+    return data, state, json.loads(str(data["spec"]))
+
+
+def official_model(state, spec, **kw):
+    from zoo import convert
+    return convert.from_nvist_official(
+            state, image_size=tuple(spec["image_size"]), encoder_heads=spec["encoder_heads"],
+            decoder_heads=spec["decoder_heads"], num_samples=spec["num_samples"],
+            near_far=tuple(spec["near_far"]), **kw)
+
+
+def test_official_weights_reproduce_the_reference_field_and_render():
+    from zoo.training import data as data_lib
+    data, state, spec = load_fixture()
+    model = official_model(state, spec)
+    # The reference normalises [0, 1] images with ImageNet statistics inside its encoder; our
+    # pipeline hands the encoder normalised images.
+    images = (data["images"] * 255.0 - data_lib.IMAGENET_MEAN) / data_lib.IMAGENET_STD
+    run = nnx.jit(lambda m, *a: (m.radiance_field(*a[:2]), m(*a)))
+    (planes, lines), out = run(model, jnp.asarray(images), jnp.asarray(data["camera_params"]),
+                               jnp.asarray(data["rays_o"]), jnp.asarray(data["rays_d"]))
+    np.testing.assert_allclose(np.asarray(planes), data["planes"].transpose(0, 1, 3, 4, 2),
+                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(lines), data["lines"].transpose(0, 1, 3, 4, 2),
+                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out["rgb"]), data["rgb"], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out["depth"]), data["depth"], atol=1e-4)
+    assert float(out["distloss"]) == pytest.approx(float(data["distloss"]), rel=1e-4)
+
+
+def test_official_converter_errors():
+    _, state, spec = load_fixture()
+    with pytest.raises(ValueError, match="not an official NViST Model checkpoint"):
+        official_model({k: v for k, v in state.items() if k != "decoder.output_token"}, spec)
+    with pytest.raises(ValueError, match="differs from the fixed sin-cos code"):
+        official_model(state, spec | {"image_size": [10, 20]})
+    with pytest.raises(ValueError, match="read from the state_dict"):
+        official_model(state, spec, resolution=12)
+    extra = dict(state, **{"renderer.extra.weight": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="does not map"):
+        official_model(extra, spec)
