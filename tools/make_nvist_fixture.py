@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     if "cv2" not in sys.modules:
         try:
-            import cv2  # noqa: F401
+            import cv2  # noqa: F401  (only checking that it is installed)
         except ImportError:
             stub = types.ModuleType("cv2")
             stub.COLORMAP_JET = 2  # only a default argument of an unused function
