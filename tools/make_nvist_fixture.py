@@ -19,6 +19,7 @@ reference's utils.py for functions not used here, is stubbed if missing.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import sys
@@ -40,13 +41,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1]
                                              / "tests" / "fixtures" / "nvist_small_random.npz"))
     args = parser.parse_args()
-    if "cv2" not in sys.modules:
-        try:
-            import cv2  # noqa: F401  (only checking that it is installed)
-        except ImportError:
-            stub = types.ModuleType("cv2")
-            stub.COLORMAP_JET = 2  # only a default argument of an unused function
-            sys.modules["cv2"] = stub
+    if importlib.util.find_spec("cv2") is None:
+        stub = types.ModuleType("cv2")
+        stub.COLORMAP_JET = 2  # only a default argument of an unused function
+        sys.modules["cv2"] = stub
     sys.path.insert(0, args.reference)
     from models.decoder import Decoder
     from models.mae_original_model import MaskedAutoencoderViT
