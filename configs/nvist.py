@@ -14,7 +14,9 @@ Variants:
              4e-5 for the encoder: one learning rate here [deviation]), 10k warm-up steps,
              cosine to ~0 over 300k, gradient clip 1.0, 1 input + 4 target views; LPIPS is
              not used [deviation: needs VGG weights].
-  mae_smoke  is not a train.py task yet: MAE pre-training uses `zoo.mae.MAE.loss` directly.
+  mae_smoke  the MAE stage (masked_image_modeling task): a small mae_vit_b5 on the generated
+             40 px images, mask ratio 0.75; the full-size stage is the same task with
+             mae_vit_b5's defaults on the multi-view images (data: any image folder).
 """
 from __future__ import annotations
 
@@ -22,13 +24,28 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("smoke", "nvist")
+VARIANTS = ("smoke", "nvist", "mae_smoke")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = common.parse_arg(arg, file="configs/nvist.py", defaults={"variant": "smoke"},
                                allowed={"variant": VARIANTS})
     c = common.base_config()
+    if options["variant"] == "mae_smoke":
+        c.task = "masked_image_modeling"
+        c.model.name = "mae_vit_b5"
+        c.model.overrides = ml_collections.ConfigDict(dict(
+                image_size=(40, 40), embed_dim=64, depth=2, num_heads=4, decoder_dim=32,
+                decoder_depth=1, decoder_heads=4))
+        c.data.source = "generated"
+        c.data.image_size = 40
+        c.batch_size = 32
+        c.total_steps = 100
+        c.optimizer.learning_rate = 1e-3
+        c.schedule.warmup_steps = 10
+        c.checkpoint_every = c.eval_every = 50
+        c.eval.num_batches = 4
+        return c
     c.task = "novel_view_synthesis"
     if options["variant"] == "smoke":
         c.model.name = "nvist_small"

@@ -500,7 +500,7 @@ def test_extension_table_and_batch_spec():
     spec = data.batch_spec(config, train=False)
     # The lookup imported the task modules, which registered their data halves.
     assert set(data._DATA_TASKS) == {"classification", "language_modeling", "image_diffusion",
-                                     "novel_view_synthesis"}
+                                     "novel_view_synthesis", "masked_image_modeling"}
     assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {
             "image": ((4, 8, 8, 3), np.float32), "label": ((4,), np.int32),
             "mask": ((4,), np.float32)}

@@ -63,3 +63,17 @@ def test_smoke_trains_psnr_rises_and_renders(tmp_path):
     assert result["step"] == 60 and len(result["psnr"]) == 2
     for key in ("views", "orbit"):
         assert os.path.exists(result[key])
+
+
+def test_mae_stage_trains_with_falling_loss(tmp_path):
+    import train as train_cli
+
+    changes = {"total_steps": 30, "checkpoint_every": 30, "eval_every": 30,
+               "log_every": 5, "logging.progress_bar": False, "logging.tensorboard": False}
+    config = apply_changes(nvist_configs.get_config("mae_smoke"), changes)
+    train_cli.train_and_evaluate(config, str(tmp_path), profile_steps=None)
+    with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert any("eval/loss" in r for r in records)

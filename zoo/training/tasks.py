@@ -24,7 +24,7 @@ _TASKS: dict[str, type["Task"]] = {}
 
 # Modules that register further tasks (imported on first lookup, as the model registry does).
 _TASK_MODULES: tuple[str, ...] = ("zoo.training.lm", "zoo.training.diffusion_task",
-                                   "zoo.training.multiview")
+                                   "zoo.training.multiview", "zoo.training.mae_task")
 
 
 def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
