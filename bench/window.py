@@ -5,6 +5,10 @@ bias + additive -100 mask, softmax, @ V), at Swin-T stage shapes.
   python bench/window.py            # GPU: Swin-T at 224 px, batch 64, all four stages
   python bench/window.py --quick    # CPU proof-of-run (< 1 min), batch 2
 
+A second table compares whole layers on [B, H, W, C] maps: Swin's (shifted) `WindowAttention`
+vs `zoo.vsa.VSAAttention` (regressor, bilinear sampling of keys/values, attention), both with
+their projections, to show what VSA's sampling costs over window attention.
+
 For each stage and mode (fwd, fwd+bwd w.r.t. q, k, v and the bias table) it prints the median
 wall time and the compiled peak-memory estimate (`compiled.memory_analysis()`: temp + output).
 "ours" is impl="auto": the Pallas kernel on GPU/TPU, the XLA reference on CPU; --interpret adds
@@ -25,7 +29,9 @@ import numpy as np  # noqa: E402
 
 import kernels_pallas  # noqa: E402
 from bench.timing import compile_and_time, mib  # noqa: E402
-from zoo import swin  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from zoo import swin, vsa  # noqa: E402
 
 WINDOW = 7
 # (label, map side, heads): Swin-T at 224 px, head width 32.
@@ -124,6 +130,41 @@ def main() -> None:
                 ms, peak = compile_and_time(wrap(ours(side, impl)), arrays, repeats)
                 row += f" {ms:.2f} | {mib(peak)} |"
             print(row, flush=True)
+    print()
+    print("| stage | mode | Swin (shifted) window attention layer ms | MiB | VSAAttention layer "
+          "ms | MiB |")
+    print("|---|---|---|---|---|---|")
+    for label, side, heads in STAGES:
+        dim = heads * HEAD_DIM
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, side, side, dim)),
+                        dtype)
+        layers = {"window": nnx.split(swin.WindowAttention(dim, heads, WINDOW, dtype=dtype,
+                                                           rngs=nnx.Rngs(0))),
+                  "vsa": nnx.split(vsa.VSAAttention(dim, heads, WINDOW, dtype=dtype,
+                                                    rngs=nnx.Rngs(0)))}
+        for mode in ("fwd", "fwd+bwd"):
+            cells = []
+            for name, (graphdef, state) in layers.items():
+                def forward(state, x, graphdef=graphdef, name=name):
+                    module = nnx.merge(graphdef, state)
+                    return module(x) if name == "vsa" else window_layer(module, x, side)
+
+                fn = forward if mode == "fwd" else (lambda st, x, f=forward: jax.grad(
+                        lambda st: jnp.sum(f(st, x).astype(jnp.float32)))(st))
+                ms, peak = compile_and_time(fn, (state, x), repeats)
+                cells.append(f"{ms:.2f} | {mib(peak)}")
+            print(f"| {label} | {mode} | {cells[0]} | {cells[1]} |", flush=True)
+
+
+def window_layer(attn, x, side):
+    """Swin's W-MSA / SW-MSA on a map: (shift,) partition, attend, reverse (, shift back)."""
+    shift = WINDOW // 2 if side > WINDOW else 0
+    labels = swin.shift_region_labels(side, side, WINDOW, shift) if shift else None
+    if shift:
+        x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+    out = swin.window_reverse(attn(swin.window_partition(x, WINDOW), region_labels=labels),
+                              WINDOW, side, side)
+    return jnp.roll(out, (shift, shift), axis=(1, 2)) if shift else out
 
 
 if __name__ == "__main__":

@@ -78,14 +78,17 @@ def ar_model(**kw):
                                "layer_spec": "(1)2(1)2(1)", **kw})
 
 
-@pytest.mark.parametrize("cut", [1, 5, 6, 7, 13, 23])  # inside and at group boundaries (n=6)
-def test_ar_model_is_causal(cut):
+def test_ar_model_is_causal():
     model = ar_model()
+    forward = nnx.jit(lambda m, t: m(t))
     ids = jax.random.randint(jax.random.key(2), (2, 24), 0, 64)
-    changed = ids.at[:, cut:].set((ids[:, cut:] + 11) % 64)
-    a, b = model(ids), model(changed)
-    np.testing.assert_allclose(np.asarray(a[:, :cut]), np.asarray(b[:, :cut]), atol=1e-6)
-    assert np.abs(np.asarray(a[:, cut:] - b[:, cut:])).max() > 1e-4
+    a = forward(model, ids)
+    for cut in (1, 5, 6, 7, 13, 23):  # inside and at group boundaries (n = 6)
+        changed = ids.at[:, cut:].set((ids[:, cut:] + 11) % 64)
+        b = forward(model, changed)
+        np.testing.assert_allclose(np.asarray(a[:, :cut]), np.asarray(b[:, :cut]), atol=1e-6,
+                                   err_msg=f"cut {cut}")
+        assert np.abs(np.asarray(a[:, cut:] - b[:, cut:])).max() > 1e-4, cut
 
 
 def test_ar_latent_shift_is_what_keeps_it_causal():
@@ -120,9 +123,8 @@ def test_ar_latent_shift_is_what_keeps_it_causal():
     assert ours.max() < 1e-6
 
 
+# The encoder shares the trunk (and its remat path) with these two heads.
 @pytest.mark.parametrize("name,kw,call", [
-        ("fit_encoder_b", dict(image_size=32, patch_size=4, num_classes=10, num_groups=4),
-         lambda m: m(jnp.ones((2, 32, 32, 3)))),
         ("fit_ar_small", dict(vocab_size=64, seq_len=16, num_groups=4),
          lambda m: m(jnp.ones((2, 16), jnp.int32))),
         ("fit_denoiser_64", dict(image_size=16, patch_size=2, num_groups=4),
