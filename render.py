@@ -45,22 +45,6 @@ def orbit_pose(theta: float, distance: float) -> np.ndarray:
     return pose
 
 
-def _grid(rows: list[list[np.ndarray]]) -> np.ndarray:
-    h, w = rows[0][0].shape[:2]
-    cols = max(len(r) for r in rows)
-    grid = np.full((len(rows) * (h + 2), cols * (w + 2), 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid[i * (h + 2) + 1:i * (h + 2) + 1 + h, j * (w + 2) + 1:j * (w + 2) + 1 + w] = image
-    return grid
-
-
-def _save(grid: np.ndarray, path: str, scale: int = 4) -> None:
-    from PIL import Image
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                 Image.NEAREST).save(path)
-
-
 def _to_uint8(image) -> np.ndarray:
     return (np.clip(np.asarray(image, np.float32), 0, 1) * 255).round().astype(np.uint8)
 
@@ -70,6 +54,7 @@ def render_checkpoint(config, workdir: str, *, step, num_examples: int, orbit: i
     from zoo.training.evaluate import load_model
     from zoo.training import data as data_lib
     from zoo.training import multiview
+    from zoo.training.images import image_grid, save_png
 
     if config.task != multiview.TASK:
         raise ValueError(f"config.task={config.task!r}: render.py renders "
@@ -93,7 +78,7 @@ def render_checkpoint(config, workdir: str, *, step, num_examples: int, orbit: i
     rows = [[_to_uint8(unnormalise(batch["image"][i])), _to_uint8(batch["view_rgb"][i]),
              _to_uint8(rendered[i])] for i in range(len(examples))]
     views_path = os.path.join(workdir, f"views_{step}.png")
-    _save(_grid(rows), views_path)
+    save_png(image_grid(rows), views_path)
     result = {"step": step, "views": views_path, **scores}
     if orbit > 0:
         if image_path:
@@ -119,7 +104,7 @@ def render_checkpoint(config, workdir: str, *, step, num_examples: int, orbit: i
                            jnp.asarray(dirs, jnp.float32)[None])
             frames.append(_to_uint8(frame.reshape(h, w, 3)))
         orbit_path = os.path.join(workdir, f"orbit_{step}.png")
-        _save(_grid([[input_view] + frames]), orbit_path)
+        save_png(image_grid([[input_view] + frames]), orbit_path)
         result["orbit"] = orbit_path
     return result
 

@@ -74,24 +74,12 @@ def decode(config, tokens: np.ndarray) -> str:
     return ",".join(str(int(t)) for t in tokens)
 
 
-def image_grid(images: np.ndarray, per_row: int = 4) -> np.ndarray:
-    """[N, H, W, C] uint8 -> one [rows*(H+2), per_row*(W+2), C] grid with 2-pixel gutters."""
-    n, h, w, c = images.shape
-    rows = -(-n // per_row)
-    grid = np.full((rows * (h + 2), per_row * (w + 2), c), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, per_row)
-        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = image
-    return grid
-
-
 def sample_images(config, workdir: str, *, step: int | None, num_samples: int, steps: int,
                   sampler: str, seed: int) -> str:
     """Writes <workdir>/samples_<step>.png; returns its path."""
-    from PIL import Image
-
     from zoo import diffusion
     from zoo.training import diffusion_task
+    from zoo.training import images as images_lib
 
     if num_samples < 1:
         raise ValueError(f"--num_samples={num_samples} must be >= 1")
@@ -104,10 +92,11 @@ def sample_images(config, workdir: str, *, step: int | None, num_samples: int, s
                  step, sampler, steps)
     images = diffusion.sample(model, jax.random.key(seed), num_samples, steps=steps,
                               sampler=sampler, cond=cond)
-    grid = image_grid(diffusion_task.to_uint8(images))
+    pixels = diffusion_task.to_uint8(images)
+    per_row = 4
     path = os.path.join(workdir, f"samples_{step}.png")
-    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4),
-                                 Image.NEAREST).save(path)
+    images_lib.save_png(images_lib.image_grid(
+            [list(pixels[i:i + per_row]) for i in range(0, len(pixels), per_row)]), path)
     return path
 
 

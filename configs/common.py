@@ -119,6 +119,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def imagenet_data(c: ml_collections.ConfigDict, source: str,
+                  image_size: int) -> ml_collections.ConfigDict:
+    """Points `c.data` at ImageNet-1k: "tfds" = TFDS's on-disk imagenet2012 (read without
+    TensorFlow; set data.path to its dir), "image_folder" = <path>/train/<class>/*.JPEG and
+    <path>/val/<class>/*.JPEG. Crop-and-flip augmentation, 8 grain workers."""
+    c.data.source = source
+    if source == "tfds":
+        c.data.name = "imagenet2012"
+        c.data.path = "~/tensorflow_datasets"
+        c.data.eval_split = "validation"
+    else:
+        c.data.path = "/data/imagenet"
+        c.data.eval_split = "val"
+    c.data.train_split = "train"
+    c.data.image_size = image_size
+    c.data.num_classes = 1000
+    c.data.augment = "crop_flip"
+    c.data.worker_count = 8
+    return c
+
+
 def parse_arg(arg: str | None, *, file: str, defaults: dict[str, str],
               allowed: dict[str, tuple[str, ...]]) -> dict[str, str]:
     """Parses a config argument, big_vision style: "h1" or "variant=h1,data=image_folder".

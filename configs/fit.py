@@ -97,27 +97,11 @@ def _denoiser_smoke(_):
     return c
 
 
-def _imagenet_data(c, source, size):
-    c.data.source = source
-    if source == "tfds":
-        c.data.name = "imagenet2012"
-        c.data.path = "~/tensorflow_datasets"
-        c.data.eval_split = "validation"
-    else:
-        c.data.path = "/data/imagenet"
-        c.data.eval_split = "val"
-    c.data.image_size = size
-    c.data.num_classes = 1000
-    c.data.worker_count = 8
-    return c
-
-
 def _encoder(source):
-    c = _imagenet_data(common.base_config(), source, 256)
+    c = common.imagenet_data(common.base_config(), source, 256)
     c.model.name = "fit_encoder_b"
     c.model.overrides = ml_collections.ConfigDict(dict(image_size=256, num_classes=1000,
                                                        drop_path_rate=0.1))
-    c.data.augment = "crop_flip"
     c.label_smoothing = 0.1
     c.batch_size = 1024
     c.total_steps = 300 * 1_281_167 // 1024
@@ -153,7 +137,7 @@ def _ar(_):
 
 
 def _denoiser(source):
-    c = _imagenet_data(common.base_config(), "image_folder", 64)
+    c = common.imagenet_data(common.base_config(), "image_folder", 64)
     c.task = "image_diffusion"
     c.model.name = "fit_denoiser_64"
     c.model.overrides = ml_collections.ConfigDict(dict(image_size=64))

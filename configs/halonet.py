@@ -97,21 +97,7 @@ def _imagenet(variant: str, source: str) -> ml_collections.ConfigDict:
     c.model.overrides = ml_collections.ConfigDict(dict(
             image_size=size, num_classes=1000, drop_path_rate=_DROP_PATH[variant]))
 
-    c.data.source = source
-    if source == "tfds":
-        # TFDS's on-disk imagenet2012 (read without TensorFlow); point data.path at its dir.
-        c.data.name = "imagenet2012"
-        c.data.path = "~/tensorflow_datasets"
-        c.data.eval_split = "validation"
-    else:
-        # <path>/train/<class>/*.JPEG and <path>/val/<class>/*.JPEG
-        c.data.path = "/data/imagenet"
-        c.data.eval_split = "val"
-    c.data.train_split = "train"
-    c.data.image_size = size
-    c.data.num_classes = 1000
-    c.data.augment = "crop_flip"
-    c.data.worker_count = 8
+    common.imagenet_data(c, source, size)
 
     c.batch_size = _BATCH
     steps_per_epoch = _IMAGENET_TRAIN_IMAGES / _BATCH

@@ -76,19 +76,7 @@ def imagenet_config(model_name: str, source: str) -> ml_collections.ConfigDict:
     variant = model_name.replace("vsa_", "")
     c.model.overrides = ml_collections.ConfigDict(dict(
             image_size=224, num_classes=1000, drop_path_rate=_DROP_PATH[variant]))
-    c.data.source = source
-    if source == "tfds":
-        c.data.name = "imagenet2012"
-        c.data.path = "~/tensorflow_datasets"
-        c.data.eval_split = "validation"
-    else:
-        c.data.path = "/data/imagenet"
-        c.data.eval_split = "val"
-    c.data.train_split = "train"
-    c.data.image_size = 224
-    c.data.num_classes = 1000
-    c.data.augment = "crop_flip"
-    c.data.worker_count = 8
+    common.imagenet_data(c, source, 224)
     c.label_smoothing = 0.1
 
     c.batch_size = _BATCH

@@ -37,6 +37,14 @@ def _load_norm(norm: layers.LayerNorm, reader: StateDictReader, prefix: str) -> 
     assign(norm.bias, reader.get(f"{prefix}.bias"), f"{prefix}.bias")
 
 
+def load_patch_embed(stem: swin_lib.PatchEmbed, reader: StateDictReader) -> None:
+    """`patch_embed.proj` (torch conv [out, in, p, p] -> [p, p, in, out]) and `.norm`."""
+    assign(stem.proj.kernel, reader.get("patch_embed.proj.weight").transpose(2, 3, 1, 0),
+           "patch_embed.proj.weight")
+    assign(stem.proj.bias, reader.get("patch_embed.proj.bias"), "patch_embed.proj.bias")
+    _load_norm(stem.norm, reader, "patch_embed.norm")
+
+
 def swin_from_timm(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = None,
                    **overrides) -> swin_lib.SwinTransformer:
     """Any timm `SwinTransformer` state_dict (widths, depths, heads, window read from it).
@@ -89,11 +97,7 @@ def swin_from_timm(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = Non
             qkv_bias=reader.has("layers.0.blocks.0.attn.qkv.bias"), **overrides)
     model = build_abstract(lambda r: swin_lib.SwinTransformer(**architecture, rngs=r), rngs)
 
-    stem = model.patch_embed
-    assign(stem.proj.kernel, reader.get("patch_embed.proj.weight").transpose(2, 3, 1, 0),
-           "patch_embed.proj.weight")
-    assign(stem.proj.bias, reader.get("patch_embed.proj.bias"), "patch_embed.proj.bias")
-    _load_norm(stem.norm, reader, "patch_embed.norm")
+    load_patch_embed(model.patch_embed, reader)
     for i, stage in enumerate(model.layers):
         if stage.downsample is not None:
             _load_norm(stage.downsample.norm, reader, f"layers.{i}.downsample.norm")

@@ -18,7 +18,7 @@ from flax import nnx
 
 from zoo import vsa as vsa_lib
 from zoo.converters.common import StateDictReader, assign, build_abstract, check_all_set
-from zoo.converters.swin import _load_linear, _load_norm
+from zoo.converters.swin import _load_linear, _load_norm, load_patch_embed
 
 _INFERRED = ("embed_dim", "depths", "num_heads", "patch_size", "in_chans", "num_classes",
              "mlp_ratio", "qkv_bias", "window_size")
@@ -112,11 +112,7 @@ def vsa_from_qformer(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = N
             qkv_bias=reader.has("layers.0.blocks.0.attn.qkv.bias"), **overrides)
     model = build_abstract(lambda r: vsa_lib.vsa_swin(rngs=r, **architecture), rngs)
 
-    assign(model.patch_embed.proj.kernel,
-           reader.get("patch_embed.proj.weight").transpose(2, 3, 1, 0), "patch_embed.proj.weight")
-    assign(model.patch_embed.proj.bias, reader.get("patch_embed.proj.bias"),
-           "patch_embed.proj.bias")
-    _load_norm(model.patch_embed.norm, reader, "patch_embed.norm")
+    load_patch_embed(model.patch_embed, reader)
     for i, stage in enumerate(model.layers):
         if stage.downsample is not None:  # QFormer: the merge ending stage i - 1
             _load_norm(stage.downsample.norm, reader, f"layers.{i - 1}.downsample.norm")
