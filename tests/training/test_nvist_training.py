@@ -26,7 +26,6 @@ def test_reference_variant_builds():
 
 def test_smoke_trains_psnr_rises_and_renders(tmp_path):
     import train as train_cli
-    from zoo.training.evaluate import evaluate_checkpoint
 
     changes = {"total_steps": 60, "checkpoint_every": 30, "eval_every": 30,
                "data.num_scenes": 16, "logging.progress_bar": False,
@@ -49,9 +48,6 @@ def test_smoke_trains_psnr_rises_and_renders(tmp_path):
     black = np.mean([np.mean(prepare(source[i], None)["view_rgb"] ** 2)
                      for i in range(len(source))])
     assert evals[-1]["eval/psnr"] > -10 * np.log10(black) + 1.0, (evals, black)
-    first = evaluate_checkpoint(apply_changes(nvist_configs.get_config("smoke"), changes),
-                                workdir, 30)
-    assert abs(first["psnr"] - evals[0]["eval/psnr"]) < 1e-3
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     done = subprocess.run(
