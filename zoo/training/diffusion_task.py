@@ -26,8 +26,10 @@ from zoo.training.tasks import Task, register_task
 TASK = "image_diffusion"
 SCHEDULE = "cosine"
 SELF_COND_RATE = 0.5
-_MEAN = jnp.asarray(data_lib.IMAGENET_MEAN / 255.0)
-_STD = jnp.asarray(data_lib.IMAGENET_STD / 255.0)
+# NumPy, not jnp: a jnp constant here would start the JAX backend at import time, before a
+# multi-host run's jax.distributed.initialize.
+_MEAN = (data_lib.IMAGENET_MEAN / 255.0).astype(np.float32)
+_STD = (data_lib.IMAGENET_STD / 255.0).astype(np.float32)
 
 
 def to_unit_range(normalised: jax.Array) -> jax.Array:
