@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kernels_pallas.sharding import ShardingError
 from zoo.training import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -111,6 +112,31 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
     state_target = state_lib.with_shardings(abstract_state, state_shardings)
 
     # ------------------------------------------------------------------------------------------
+    # Compile the train step ahead of time, before any state exists: sharding errors, compile
+    # time and FLOPs come before init, restore and the data pipeline.
+    # ------------------------------------------------------------------------------------------
+    train_step = step_lib.make_train_step(
+            config=config, skeleton=skeleton, task=task, tx=tx, lr_schedule=lr_schedule,
+            mesh=mesh, state_shardings=state_shardings, data_sharding=data_sharding)
+    batch_target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sharding)
+                    for k, v in data_lib.batch_spec(config, train=True).items()}
+    compile_start = time.perf_counter()
+    try:  # tracing: a mesh the kernels cannot split is a config error, reported before init
+        lowered_step = train_step.lower(state_target, batch_target)
+    except ShardingError as error:
+        raise config_lib.ConfigError(
+                f"config.mesh_shape={tuple(config.mesh_shape)} with logical_axis_rules: "
+                f"{error}") from None
+    compiled_step = lowered_step.compile()
+    compile_seconds = time.perf_counter() - compile_start
+    flops_per_device = reporting.compiled_flops(compiled_step)
+    device_kind = jax.devices()[0].device_kind
+    peak = reporting.device_peak_flops(device_kind)
+    logging.info("train step compiled in %.1fs; %s FLOPs per step per device (XLA cost "
+                 "analysis)", compile_seconds,
+                 f"{flops_per_device:.4g}" if flops_per_device else "unknown")
+
+    # ------------------------------------------------------------------------------------------
     # Data, then restore-or-init (the checkpoint also holds the iterator's position).
     # ------------------------------------------------------------------------------------------
     train_iter = data_lib.make_train_iterator(config, mesh, data_sharding)
@@ -129,28 +155,11 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
                 f"config.total_steps={config.total_steps} is below the step of the latest "
                 f"checkpoint ({start_step}) in {checkpointer.directory}")
 
-    # ------------------------------------------------------------------------------------------
-    # Compile the train step ahead of time: compile time and FLOPs before the first step.
-    # ------------------------------------------------------------------------------------------
-    train_step = step_lib.make_train_step(
-            config=config, skeleton=skeleton, task=task, tx=tx, lr_schedule=lr_schedule,
-            mesh=mesh, state_shardings=state_shardings, data_sharding=data_sharding)
-    batch_target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sharding)
-                    for k, v in data_lib.batch_spec(config, train=True).items()}
-    compile_start = time.perf_counter()
-    compiled_step = train_step.lower(state_target, batch_target).compile()
-    compile_seconds = time.perf_counter() - compile_start
-    flops_per_device = reporting.compiled_flops(compiled_step)
-    device_kind = jax.devices()[0].device_kind
-    peak = reporting.device_peak_flops(device_kind)
-    logging.info("train step compiled in %.1fs; %s FLOPs per step per device (XLA cost "
-                 "analysis)", compile_seconds,
-                 f"{flops_per_device:.4g}" if flops_per_device else "unknown")
-
     model_shardings = state_shardings["model"]
     eval_step = step_lib.make_eval_step(skeleton=skeleton, task=task, mesh=mesh,
                                         model_shardings=model_shardings,
-                                        data_sharding=data_sharding)
+                                        data_sharding=data_sharding,
+                                        rules=mesh_lib.activation_rules(config))
 
     def evaluate(step: int) -> dict:
         batches = data_lib.make_eval_iterator(config, mesh, data_sharding)

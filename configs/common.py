@@ -17,6 +17,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = ""  # a name from zoo.list_models()
     c.model.overrides = ml_collections.ConfigDict()  # builder kwargs (num_classes, dtype, ...)
+    # Attention implementation of every attention layer (kernels_pallas.attention `impl`):
+    # auto (Pallas kernels on GPU/TPU, XLA on CPU) | pallas | xla | interpret (the GPU kernel in
+    # the Pallas interpreter: the kernel path on CPU, slow, for tests and debugging).
+    c.model.attn_impl = "auto"
     c.task = "classification"  # zoo.training.tasks registry: classification | language_modeling
     c.label_smoothing = 0.0  # classification training loss only; eval reports plain CE
 
@@ -86,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     # The batch is split over these mesh axes.
     c.data_axes = ("data", "fsdp")
     # logical axis name (zoo/axes.py) -> mesh axis or tuple of mesh axes; first rule wins;
-    # a dimension that does not divide the mesh axis size is replicated.
+    # a dimension that does not divide the mesh axis size is replicated (attention heads
+    # excepted: a head count the tensor axis cannot split is an error on the kernel path).
     c.logical_axis_rules = (
         ("embed", "fsdp"),
         ("conv_out", "fsdp"),
@@ -99,6 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
         ("norm", None),
         ("pos", None),
         ("latents", None),
+        # Activations (kernels_pallas/sharding.py). Their batch always follows data_axes; names
+        # not listed here (length, height, width, embed, kv) stay whole.
+        ("activation_heads", "tensor"),
+        ("activation_mlp", "tensor"),
+        ("activation_vocab", "tensor"),
     )
 
     # --- checkpoints, eval, logging ----------------------------------------------------------

@@ -8,6 +8,7 @@ Semantics are defined by `kernels_pallas.reference.attention_reference`.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import numbers
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas import sharding
 from kernels_pallas.reference import attention_reference
 
 IMPLS = ("auto", "pallas", "xla", "interpret")
@@ -33,6 +35,13 @@ _BACKENDS = {
 # impl="interpret" runs the GPU (Triton-style) kernel through the Pallas interpreter: it needs
 # no accelerator, which is what CPU tests use.
 _INTERPRET_BACKEND = "gpu"
+
+# Logical activation names of the kernel operands (kernels_pallas/sharding.py). Sequence and
+# head_dim dimensions are None: a kernel reads whole sequences.
+_QKV_NAMES = (sharding.BATCH, None, sharding.HEADS, None)
+_BIAS_NAMES = (sharding.BATCH, sharding.HEADS, None, None)
+_LENGTHS_NAMES = (sharding.BATCH,)
+_SEGMENT_NAMES = (sharding.BATCH, None)
 
 
 def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None = None,
@@ -82,8 +91,14 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
         kernel, interpret = _kernel_for(_INTERPRET_BACKEND), True
     else:
         kernel, interpret = _kernel_for(jax.default_backend()), False
-    return kernel(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
-                  interpret=interpret, **options)
+    # Inside a mesh the kernel runs per shard: batch over the data axes, heads over `tensor`
+    # (kernels_pallas/sharding.py). The XLA reference above needs no such help: XLA partitions it.
+    return sharding.shard_kernel(
+            functools.partial(kernel, interpret=interpret, **options),
+            (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids),
+            (_QKV_NAMES, _QKV_NAMES, _QKV_NAMES, _BIAS_NAMES, _LENGTHS_NAMES, _LENGTHS_NAMES,
+             _SEGMENT_NAMES, _SEGMENT_NAMES),
+            _QKV_NAMES, what="attention")
 
 
 def resolve_impl(impl: str) -> str:

@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas import sharding
+
 HALO_IMPLS = ("auto", "xla", "pallas", "interpret")
 # backend -> (module, function) of its fused kernel; imported lazily because a backend's kernel
 # module may import backend-only Pallas modules.
@@ -66,6 +68,8 @@ _BACKENDS = {
 # The kernel "interpret" runs (the Pallas interpreter works on any backend, including CPU).
 _INTERPRET_BACKEND = "gpu"
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Logical activation names of q/k/v and the output [B, H, W, heads, d] (sharding.py).
+_MAP_NAMES = (sharding.BATCH, None, None, sharding.HEADS, None)
 
 
 def query_stride(block: int, stride: int, avg_down: bool = False) -> int:
@@ -178,10 +182,15 @@ def halo_attention(q, k, v, rel_h, rel_w, *, block: int, halo: int, stride: int 
         return halo_attention_reference(q, k, v, rel_h, rel_w, block=block, halo=halo,
                                         stride=stride, scale=scale,
                                         scale_relative=scale_relative, avg_down=avg_down)
-    kernel = getattr(module, function_name)
-    out = kernel(q, k, v, rel_h, rel_w, block=options["block"], halo=options["halo"],
-                 q_stride=options["q_stride"], scale=options["scale"],
-                 scale_relative=bool(scale_relative), interpret=resolved == "interpret")
+    kernel = functools.partial(
+            getattr(module, function_name), block=options["block"], halo=options["halo"],
+            q_stride=options["q_stride"], scale=options["scale"],
+            scale_relative=bool(scale_relative), interpret=resolved == "interpret")
+    # Inside a mesh the kernel runs per shard (kernels_pallas/sharding.py): batch and heads
+    # split, the map whole (a window reads its neighbours), the tables replicated.
+    out = sharding.shard_kernel(kernel, (q, k, v, rel_h, rel_w),
+                                (_MAP_NAMES, _MAP_NAMES, _MAP_NAMES, None, None), _MAP_NAMES,
+                                what="halo_attention")
     return _average_pool(out, options["stride"], options["q_stride"])
 
 

@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo import layers
+from zoo import axes, layers
 from zoo.axes import with_axes
 from zoo.registry import register_model
 
@@ -123,7 +123,7 @@ class FITLayer(nnx.Module):
         y = self.attn(self.norm1(x), bias=bias, causal=causal, train=train, rngs=rngs)
         x = x + self.drop_path(y, train=train, rngs=rngs)
         y = self.mlp(self.norm2(x), train=train, rngs=rngs)
-        return x + self.drop_path(y, train=train, rngs=rngs)
+        return axes.constrain(x + self.drop_path(y, train=train, rngs=rngs), axes.TOKENS)
 
 
 class CrossAttention(nnx.Module):
@@ -142,7 +142,8 @@ class CrossAttention(nnx.Module):
                                      kernel_init=_GLOROT, rngs=rngs, **common)
 
     def __call__(self, q, kv, *, train: bool = False, rngs: nnx.Rngs | None = None):
-        return q + self.attn(self.q_norm(q), self.kv_norm(kv), train=train, rngs=rngs)
+        out = q + self.attn(self.q_norm(q), self.kv_norm(kv), train=train, rngs=rngs)
+        return axes.constrain(out, axes.TOKENS)
 
 
 def _run(layer, remat: bool, *args, train: bool, rngs, **static):
@@ -301,12 +302,12 @@ class _FITBase(nnx.Module):
 
     def _x_pos(self):
         if self.x_pos_emb is not None:
-            return self.x_pos_emb[...].astype(self.dtype)
+            return layers.gathered(self.x_pos_emb[...].astype(self.dtype))
         # Fixed code, recomputed at trace time (a constant, not model state).
         return layers.sincos_pos_embed_2d(*self.x_pos_grid, self.x_dim).astype(self.dtype)
 
     def _initial_latents(self, batch: int):
-        latents = self.latent_pos_emb[...].astype(self.dtype).reshape(
+        latents = layers.gathered(self.latent_pos_emb[...].astype(self.dtype)).reshape(
                 1, self.num_groups, self.latents_per_group, self.latent_dim)
         return jnp.broadcast_to(latents, (batch, *latents.shape[1:]))
 
@@ -348,7 +349,8 @@ class FITEncoder(_FITBase):
                 remat=remat, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype,
                 rngs=rngs)
         common = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
-        self.stem = _linear(patch_size * patch_size * in_chans, x_dim, **common)
+        self.stem = _linear(patch_size * patch_size * in_chans, x_dim, axes=_STEM_AXES,
+                            **common)
         self.stem_norm = _norm(x_dim, self.dtype, param_dtype)
         self.pool_latents = self.trunk.pairs[-1][1] > 0
         width_out = latent_dim if self.pool_latents else x_dim
@@ -407,14 +409,16 @@ class FITAR(_FITBase):
             raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         b = tokens.shape[0]
         t, n = self.num_groups, self.tokens_per_group
-        x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(self.dtype)
+        x = jnp.take(layers.gathered(self.token_embedding[...]), tokens, axis=0)
+        x = x.astype(self.dtype)
         x = x.reshape(b, t, n, -1) + self._x_pos()
         x = layers.dropout(x, self.dropout_rate, train=train, rngs=rngs)
         x, _ = self.trunk(x, self._initial_latents(b), autoregressive=True, train=train,
                           rngs=rngs)
         logits = jnp.einsum("btnc,vc->btnv", x, self.token_embedding[...].astype(self.dtype),
                             preferred_element_type=jnp.float32)
-        return (logits + self.output_bias[...].astype(jnp.float32)).reshape(b, t * n, -1)
+        logits = (logits + self.output_bias[...].astype(jnp.float32)).reshape(b, t * n, -1)
+        return axes.constrain(logits, axes.TOKEN_LOGITS)
 
 
 class ScalarEmbedding(nnx.Module):
@@ -428,7 +432,7 @@ class ScalarEmbedding(nnx.Module):
         self.dim, self.scaling = dim, float(scaling)
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dense0 = _linear(dim, dim * expansion, **common)
-        self.dense1 = _linear(dim * expansion, dim * expansion, **common)
+        self.dense1 = _linear(dim * expansion, dim * expansion, axes=("mlp", "embed"), **common)
 
     def __call__(self, t):
         half = self.dim // 2
@@ -472,10 +476,11 @@ class FITDenoiser(_FITBase):
                 rngs=rngs)
         common = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
         patch_dim = patch_size * patch_size * in_chans
-        self.stem = _linear(patch_dim, x_dim, **common)
+        self.stem = _linear(patch_dim, x_dim, axes=_STEM_AXES, **common)
         self.stem_norm = _norm(x_dim, self.dtype, param_dtype)
         self.time_emb = ScalarEmbedding(latent_dim // 4, **common)
-        self.cond_proj = _linear(self.cond_dim, latent_dim, **common) if self.cond_dim else None
+        self.cond_proj = (_linear(self.cond_dim, latent_dim, axes=(None, "embed"), **common)
+                          if self.cond_dim else None)
         self.self_condition = bool(self_condition)
         if self.self_condition:
             # pix2seq MLP(num_layers=1): x + FFN(LN(x)), then LN with zero-initialised scale.
@@ -488,7 +493,7 @@ class FITDenoiser(_FITBase):
             self.latent_prev_out_norm.scale.set_value(
                     jnp.zeros_like(self.latent_prev_out_norm.scale[...]))
         self.output_norm = _norm(x_dim, self.dtype, param_dtype)
-        self.output = _linear(x_dim, patch_dim, **common)
+        self.output = _linear(x_dim, patch_dim, axes=("embed", "conv_out"), **common)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -525,6 +530,11 @@ class FITDenoiser(_FITBase):
         image = group_patches_to_image(out, self.groups_per_side, self.patch_size,
                                        *self.image_size)
         return image.astype(jnp.float32), latents
+
+
+# The patch stem maps pixels to the residual width: its output is "embed" (an "mlp" output
+# would be split over `tensor` and gathered again by the first layer norm).
+_STEM_AXES = ("conv_in", "embed")
 
 
 def _linear(in_features, out_features, *, axes=("embed", "mlp"), dtype, param_dtype, rngs):

@@ -62,12 +62,18 @@ import numpy as np
 from flax import nnx
 
 from kernels_pallas import halo as halo_ops
-from zoo import layers
+from zoo import axes, layers
 from zoo.axes import with_axes
 from zoo.registry import register_model
 
 CONV_AXES = (None, None, "conv_in", "conv_out")
+# The attention's 1x1 convs are Megatron-style under tensor parallelism: q/kv split their output
+# channels by head (column parallel), conv3 its input channels (row parallel, one all-reduce).
+HEADS_OUT_AXES = (None, None, "conv_in", "heads")
+HEADS_IN_AXES = (None, None, "heads", "conv_out")
 STEM_STRIDE = 4  # 7x7/2 conv, then 3x3/2 max-pool
+# Halo attention operands [B, H, W, heads, head_dim]: batch and heads split under a mesh.
+_HEAD_MAPS = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.HEADS, axes.KV)
 BASE_WIDTHS = (64, 128, 256, 512)
 
 
@@ -173,19 +179,24 @@ class Conv2d(nnx.Module):
     torch's symmetric (k - 1) // 2 padding, so strided convs sample the same pixels as timm."""
 
     def __init__(self, kernel: jax.Array, stride: int = 1, *, use_bias: bool = False,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+                 axes: Sequence[str | None] = CONV_AXES, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32):
         kernel_size, _, _, out_channels = kernel.shape
-        self.kernel = _param(kernel, CONV_AXES, param_dtype)
-        self.bias = (_param(_constant(out_channels, 0.0, param_dtype), ("conv_out",),
+        self.kernel = _param(kernel, axes, param_dtype)
+        self.bias = (_param(_constant(out_channels, 0.0, param_dtype), axes[-1:],
                             param_dtype) if use_bias else None)
         pad = (kernel_size - 1) // 2
         self.padding = ((pad, pad), (pad, pad))
         self.stride = stride
         self.dtype = dtype
+        self.axes = tuple(axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # The kernel gathered over FSDP explicitly: otherwise XLA may split the conv by
+        # output channels over fsdp and all-gather the batch-split map instead.
         y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                x.astype(self.dtype),
+                layers.gathered(self.kernel[...].astype(self.dtype), self.axes),
                 window_strides=(self.stride, self.stride), padding=self.padding,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.bias is not None:
@@ -197,9 +208,9 @@ class ConvBN(nnx.Module):
     """Convolution without bias, BatchNorm, optional ReLU (timm's ConvNormAct)."""
 
     def __init__(self, kernel: jax.Array, stride: int = 1, *, act: bool = True,
-                 zero_init_scale: bool = False, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32):
-        self.conv = Conv2d(kernel, stride, dtype=dtype, param_dtype=param_dtype)
+                 zero_init_scale: bool = False, axes: Sequence[str | None] = CONV_AXES,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+        self.conv = Conv2d(kernel, stride, axes=axes, dtype=dtype, param_dtype=param_dtype)
         self.bn = BatchNorm(kernel.shape[-1], zero_scale=zero_init_scale, dtype=dtype,
                             param_dtype=param_dtype)
         self.act = act
@@ -235,7 +246,8 @@ class HaloAttention(nnx.Module):
         self.avg_down, self.scale_relative, self.attn_impl = avg_down, scale_relative, attn_impl
         self.scale = self.head_dim ** -0.5
         self.dtype = dtype
-        common = dict(use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype)
+        common = dict(use_bias=qkv_bias, axes=HEADS_OUT_AXES, dtype=dtype,
+                      param_dtype=param_dtype)
         # A strided 1x1 conv == the 1x1 conv of x[::s, ::s]: timm's strided query projection.
         self.q = Conv2d(weights["q"], halo_ops.query_stride(block_size, stride, avg_down),
                         **common)
@@ -251,6 +263,7 @@ class HaloAttention(nnx.Module):
         kv = self.kv(x).reshape(batch, height, width, self.num_heads,
                                 self.head_dim + self.value_head_dim)
         k, v = kv[..., :self.head_dim], kv[..., self.head_dim:]
+        q, k, v = (axes.constrain(t, _HEAD_MAPS) for t in (q, k, v))
         out = halo_ops.halo_attention(
                 q, k, v, self.height_rel[...].astype(self.dtype),
                 self.width_rel[...].astype(self.dtype), block=self.block_size,
@@ -299,7 +312,7 @@ class HaloBlock(nnx.Module):
                                   attn_impl=attn_impl, **common)
         self.post_attn = BatchNorm(weights["kv"].shape[-1] - weights["q"].shape[-1], **common)
         self.conv3 = ConvBN(weights["conv3"], act=False, zero_init_scale=zero_init_last,
-                            **common)
+                            axes=HEADS_IN_AXES, **common)
         self.drop_path = layers.DropPath(drop_path_rate)
 
     def __call__(self, x: jax.Array, *, train: bool = False,
@@ -308,7 +321,7 @@ class HaloBlock(nnx.Module):
         y = self.conv1(x, train=train)
         y = jax.nn.relu(self.post_attn(self.attn(y), train=train))
         y = self.drop_path(self.conv3(y, train=train), train=train, rngs=rngs)
-        return jax.nn.relu(y + shortcut)
+        return axes.constrain(jax.nn.relu(y + shortcut), axes.MAPS)
 
 
 def _int_tuple(name: str, value, length: int | None = None, minimum: int = 1) -> tuple:
@@ -479,7 +492,7 @@ class HaloNet(nnx.Module):
         self._check_image_size(tuple(x.shape[1:3]), "input image")
 
     def _stem(self, x: jax.Array, train: bool) -> jax.Array:
-        x = self.stem(x.astype(self.dtype), train=train)
+        x = axes.constrain(self.stem(x.astype(self.dtype), train=train), axes.MAPS)
         # -inf padding, as torch's MaxPool2d(3, 2, padding=1).
         return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 

@@ -20,6 +20,11 @@ Conventions (all layers):
     time (stream "dropout"); nothing random is stored in model state. With `train=False` or a
     zero rate they are the identity and need no rngs.
   * Attention goes through `kernels_pallas.attention`, the single attention entry point.
+  * Activations are constrained by logical name (`zoo.axes.constrain`): attention q/k/v as
+    [batch, length, heads, kv], the MLP hidden layer as [batch, ..., mlp], the outputs of both
+    as [batch, ..., embed]. Under a mesh the batch is then split over the data axes and heads and
+    hidden units over `tensor` at every layer, whatever the model around them does; outside
+    a mesh these calls do nothing.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from flax import nnx
 
 import kernels_pallas
 import kernels_pallas.api
+from zoo import axes
 from zoo.axes import with_axes
 
 Initializer = Callable[..., jax.Array]
@@ -129,8 +135,11 @@ class Linear(nnx.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects inputs with last axis {self.in_features}, got "
                              f"shape {x.shape}")
-        kernel = self.kernel[...].astype(self.dtype).reshape(self.in_features, -1)
-        y = jnp.dot(x.astype(self.dtype), kernel).reshape(*x.shape[:-1], *self.out_shape)
+        # Contract with the kernel in its stored (in, *out) shape: flattening a fused
+        # (embed, 3, heads) kernel to (embed, 3*heads) would make its tensor-parallel split
+        # non-contiguous, and XLA would all-gather the whole kernel to every device.
+        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                (((x.ndim - 1,), (0,)), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -245,8 +254,33 @@ class Mlp(nnx.Module):
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         h = jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu)
-        h = dropout(h, self.drop, train=train, rngs=rngs)
-        return dropout(self.fc2(h), self.drop, train=train, rngs=rngs)
+        h = dropout(constrain_channels_last(h, axes.MLP), self.drop, train=train, rngs=rngs)
+        out = dropout(self.fc2(h), self.drop, train=train, rngs=rngs)
+        return constrain_channels_last(out, axes.EMBED)
+
+
+# Parameter names that stay split while a weight is used (tensor parallelism), as the
+# activation names their rules use; every other name (FSDP's "embed", ...) is gathered.
+_COMPUTE_NAMES = {"heads": axes.HEADS, "mlp": axes.MLP, "vocab": axes.VOCAB}
+
+
+def gathered(weight: jax.Array, param_axes: Sequence[str | None] | None = None) -> jax.Array:
+    """`weight` gathered over the FSDP axes before use, its tensor-parallel split kept.
+
+    FSDP keeps weights split and gathers them where they are used. XLA does that by itself
+    before a matmul. Before a `take`, a convolution or an add that broadcasts over the batch,
+    it may instead re-split the batch-split activations to match the weight (all-gathering
+    token ids or whole activations), so the gather is made explicit. `param_axes` are the
+    weight's logical names (None: all dimensions gathered). Outside a mesh: the identity.
+    """
+    names = param_axes if param_axes is not None else (None,) * weight.ndim
+    return axes.constrain(weight, tuple(_COMPUTE_NAMES.get(n) for n in names))
+
+
+def constrain_channels_last(x: jax.Array, channels: str) -> jax.Array:
+    """Constrains [batch, ..., channels] (tokens or maps): batch split over the data axes,
+    the last axis by the `channels` rule, the axes between them whole."""
+    return axes.constrain(x, (axes.BATCH,) + (axes.LENGTH,) * (x.ndim - 2) + (channels,))
 
 
 ATTENTION_LOGITS = ("softmax", "sigmoid")
@@ -373,7 +407,7 @@ class Attention(nnx.Module):
                              f"{x.shape}, got {context.shape}")
         q, k, v = self._project(x, context)
         split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, self.head_dim)  # noqa: E731
-        q, k, v = split(q), split(k), split(v)
+        q, k, v = (axes.constrain(split(t), axes.QKV) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = kernels_pallas.attention(
@@ -382,7 +416,7 @@ class Attention(nnx.Module):
                 kv_segment_ids=kv_segment_ids, logits=self.logits,
                 sigmoid_bias=self.sigmoid_bias, impl=self.attn_impl)
         out = self.proj(out.reshape(*out.shape[:2], self.num_heads * self.head_dim))
-        return dropout(out, self.proj_drop, train=train, rngs=rngs)
+        return axes.constrain(dropout(out, self.proj_drop, train=train, rngs=rngs), axes.TOKENS)
 
 
 def _torch_conv_default_bias_init(fan_in: int) -> Initializer:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zoo import layers
+from zoo import axes, layers
 from zoo.axes import with_axes
 from zoo.registry import register_model
 from zoo.vit import Block
@@ -126,7 +126,7 @@ class MAEEncoder(nnx.Module):
             x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
         cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype) + code[:1],
                                (b, 1, self.embed_dim))
-        x = jnp.concatenate([cls, x], axis=1)
+        x = axes.constrain(jnp.concatenate([cls, x], axis=1), axes.TOKENS)
         for block in self.blocks:
             x = block(x, train=train, rngs=rngs)
         return (self.norm(x) if apply_norm else x), keep_ids
@@ -164,7 +164,7 @@ class MAE(nnx.Module):
         common = dict(dtype=self.dtype, param_dtype=param_dtype)
         self.patch = self.encoder.patch_embed.patch_size
         self.decoder_dim = decoder_dim
-        self.decoder_embed = layers.Linear(embed_dim, decoder_dim, axes=("embed", "mlp"),
+        self.decoder_embed = layers.Linear(embed_dim, decoder_dim, axes=("embed", None),
                                            kernel_init=_XAVIER, rngs=rngs, **common)
         self.mask_token = nnx.Param(with_axes(nnx.initializers.normal(0.02),
                                               (None, None, "embed"))(
@@ -176,7 +176,7 @@ class MAE(nnx.Module):
             _xavier_linears(block, rngs)
         self.decoder_norm = layers.LayerNorm(decoder_dim, eps=1e-6, **common)
         self.decoder_pred = layers.Linear(decoder_dim, self.patch[0] * self.patch[1] * in_chans,
-                                          axes=("mlp", None), kernel_init=_XAVIER, rngs=rngs,
+                                          axes=("embed", None), kernel_init=_XAVIER, rngs=rngs,
                                           **common)
 
     def patchify(self, images):
@@ -195,9 +195,11 @@ class MAE(nnx.Module):
         slots = jnp.broadcast_to(self.mask_token[...].astype(self.dtype), (b, n, self.decoder_dim))
         mask = jnp.ones((b, n), jnp.float32)
         if keep_ids is not None:
-            rows = jnp.arange(b)[:, None]
-            slots = slots.at[rows, keep_ids].set(x[:, 1:])
-            mask = mask.at[rows, keep_ids].set(0.0)
+            # Per example (vmap): the scatter then has a batch dimension XLA can keep split
+            # over the data axes; explicit row indices would make it gather the whole batch.
+            put = jax.vmap(lambda target, ids, values: target.at[ids].set(values))
+            slots = put(slots, keep_ids, x[:, 1:])
+            mask = put(mask, keep_ids, jnp.zeros(keep_ids.shape, mask.dtype))
         else:
             slots, mask = x[:, 1:], jnp.zeros((b, n), jnp.float32)
         code = jnp.asarray(sincos_2d(*self.encoder.grid_size, self.decoder_dim), self.dtype)

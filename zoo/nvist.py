@@ -55,7 +55,7 @@ from flax import nnx
 
 import kernels_pallas
 from kernels_pallas.grid_sample import grid_sample
-from zoo import layers
+from zoo import axes, layers
 from zoo.axes import with_axes
 from zoo.mae import MAEEncoder, sincos_2d
 from zoo.registry import register_model
@@ -91,7 +91,9 @@ class AdaLNBlock(nnx.Module):
                                       **common)
         self.norm_k = layers.LayerNorm(dim, eps=NORM_EPS, **common)
         self.norm_v = layers.LayerNorm(dim, eps=NORM_EPS, **common)
-        self.modulation = _linear(dim, 6 * dim, rngs=rngs, **common)
+        # Six [dim] chunks, split apart below: their concatenation is not a hidden layer that
+        # tensor parallelism could split.
+        self.modulation = _linear(dim, 6 * dim, ("embed", None), rngs=rngs, **common)
         self.q = _linear(dim, dim, ("embed", "heads"), rngs=rngs, **common)
         self.k = _linear(dim, dim, ("embed", "heads"), rngs=rngs, **common)
         self.v = _linear(dim, dim, ("embed", "heads"), rngs=rngs, **common)
@@ -105,12 +107,13 @@ class AdaLNBlock(nnx.Module):
                 self.modulation(jax.nn.silu(c)), 6, axis=-1)
         q = self.norm1(x) * (1 + scale_a[:, None]) + shift_a[:, None]
         k, v = (q, q) if y is None else (self.norm_k(y), self.norm_v(y))
-        heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, -1)  # noqa: E731
+        heads = lambda t: axes.constrain(  # noqa: E731
+                t.reshape(*t.shape[:2], self.num_heads, -1), axes.QKV)
         out = kernels_pallas.attention(heads(self.q(q)), heads(self.k(k)), heads(self.v(v)),
                                        impl=self.attn_impl)
         x = x + gate_a[:, None] * self.proj(out.reshape(*out.shape[:2], self.dim))
         h = self.norm2(x) * (1 + scale_m[:, None]) + shift_m[:, None]
-        return x + gate_m[:, None] * self.mlp(h)
+        return axes.constrain(x + gate_m[:, None] * self.mlp(h), axes.TOKENS)
 
 
 class NViSTDecoder(nnx.Module):
@@ -138,15 +141,17 @@ class NViSTDecoder(nnx.Module):
                                                    ("pos", "embed"))(
                 rngs.params(), (num_image_tokens, dim), param_dtype))
         camera_in = 2 + 2 * 2 * camera_freqs
-        self.camera_fc1 = _linear(camera_in, dim, rngs=rngs, **common)
-        self.camera_fc2 = _linear(dim, dim, rngs=rngs, **common)
+        self.camera_fc1 = _linear(camera_in, dim, (None, "mlp"), rngs=rngs, **common)
+        self.camera_fc2 = _linear(dim, dim, ("mlp", "embed"), rngs=rngs, **common)
         self.blocks = nnx.List([AdaLNBlock(dim, num_heads, mlp_ratio, attn_impl=attn_impl,
                                            rngs=rngs, **common) for _ in range(depth)])
         self.matrix_norm = layers.LayerNorm(dim, eps=NORM_EPS, **common)
         self.vector_norm = layers.LayerNorm(dim, eps=NORM_EPS, **common)
         self.matrix_heads = nnx.List([_linear(dim, patch_size * patch_size * channels,
+                                              ("embed", None),
                                               rngs=rngs, **common) for _ in range(3)])
-        self.vector_heads = nnx.List([_linear(dim, patch_size * channels, rngs=rngs, **common)
+        self.vector_heads = nnx.List([_linear(dim, patch_size * channels, ("embed", None),
+                                              rngs=rngs, **common)
                                       for _ in range(3)])
 
     def position_code(self) -> jax.Array:
@@ -158,7 +163,7 @@ class NViSTDecoder(nnx.Module):
         """features [B, 1 + M, D] (class token first), camera_params [B, 2]."""
         b = features.shape[0]
         cls, y = features[:, :1].astype(self.dtype), features[:, 1:].astype(self.dtype)
-        y = y + self.image_pos_embed[...].astype(self.dtype)
+        y = y + layers.gathered(self.image_pos_embed[...].astype(self.dtype))
         tokens = jnp.broadcast_to(self.output_token[...].astype(self.dtype),
                                   (b, self.num_tokens, self.dim))
         x = jnp.concatenate([cls, tokens], axis=1) + self.position_code()
@@ -209,9 +214,11 @@ class Renderer(nnx.Module):
         if not self.near_far[0] < self.near_far[1]:
             raise ValueError(f"near_far must have near < far, got {near_far!r}")
         common = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
-        self.rgb_features = _linear(3 * self.rgb_channels, feature_dim, **common)
-        self.rgb_hidden = _linear(feature_dim + 6 * view_freqs + 3, feature_dim, **common)
-        self.rgb_out = _linear(feature_dim, 3, **common)
+        # A ~10k-parameter MLP per sample point: kept whole under tensor parallelism.
+        axes = ("conv_in", "conv_out")
+        self.rgb_features = _linear(3 * self.rgb_channels, feature_dim, axes, **common)
+        self.rgb_hidden = _linear(feature_dim + 6 * view_freqs + 3, feature_dim, axes, **common)
+        self.rgb_out = _linear(feature_dim, 3, axes, **common)
 
     def sample_depths(self, rng=None):
         """(edges [S + 1], midpoints [S]): jittered (shared by all rays) when rng is given."""
@@ -226,17 +233,21 @@ class Renderer(nnx.Module):
     def field(self, points, dirs, planes, lines):
         """points [B, P, 3] in [-1, 1], dirs [B, P, 3] -> (sigma [B, P], rgb [B, P, 3])."""
         b, p, _ = points.shape
-        plane_coords = jnp.stack([points[..., list(m)] for m in MAT_MODES])  # [3, B, P, 2]
+        plane_coords = jnp.stack([points[..., list(m)] for m in MAT_MODES], 1)  # [B, 3, P, 2]
         line_coords = jnp.stack([jnp.stack([jnp.zeros_like(points[..., v]), points[..., v]], -1)
-                                 for v in VEC_MODES])
-        flat = lambda t: t.reshape(3 * b, *t.shape[2:])  # noqa: E731
-        plane = grid_sample(flat(planes), flat(plane_coords)[:, :, None], align_corners=False)
-        line = grid_sample(flat(lines), flat(line_coords)[:, :, None], align_corners=False)
-        plane, line = plane.reshape(3, b, p, -1), line.reshape(3, b, p, -1)
+                                 for v in VEC_MODES], 1)
+        # Sampled batch-major ([B * 3] images): the batch stays the leading, split axis under a
+        # mesh, where a [3 * B] flattening would make XLA gather the whole batch first.
+        flat = lambda t: t.reshape(b * 3, *t.shape[2:])  # noqa: E731
+        by_batch = lambda t: flat(jnp.swapaxes(t, 0, 1))  # [3, B, ...] -> [B * 3, ...]  # noqa
+        plane = grid_sample(by_batch(planes), flat(plane_coords)[:, :, None],
+                            align_corners=False)
+        line = grid_sample(by_batch(lines), flat(line_coords)[:, :, None], align_corners=False)
+        plane, line = plane.reshape(b, 3, p, -1), line.reshape(b, 3, p, -1)
         s = self.sigma_channels
-        sigma = jax.nn.relu(jnp.sum(plane[..., :s] * line[..., :s], axis=(0, 3)))
-        rgb = plane[..., s:] * line[..., s:]  # [3, B, P, 24]
-        rgb = jnp.concatenate([rgb[0], rgb[1], rgb[2]], axis=-1)
+        sigma = jax.nn.relu(jnp.sum(plane[..., :s] * line[..., :s], axis=(1, 3)))
+        rgb = plane[..., s:] * line[..., s:]  # [B, 3, P, 24]
+        rgb = jnp.concatenate([rgb[:, 0], rgb[:, 1], rgb[:, 2]], axis=-1)
         h = jax.nn.gelu(self.rgb_features(jax.nn.gelu(rgb, approximate=False)),
                         approximate=False)
         h = jnp.concatenate([h, view_encoding(dirs, self.view_freqs), dirs], axis=-1)

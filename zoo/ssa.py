@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels_pallas
-from zoo import layers
+from zoo import axes, layers
 from zoo.axes import with_axes
 from zoo.registry import register_model
 
@@ -161,7 +161,7 @@ class SelectiveAttention(nnx.Module):
     def _project(self, x, positions):
         qkv = self.qkv(x)
         split = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)  # noqa: E731
-        q, k, v = split(qkv[..., 0, :]), split(qkv[..., 1, :]), split(qkv[..., 2, :])
+        q, k, v = (axes.constrain(split(qkv[..., i, :]), axes.QKV) for i in range(3))
         tau_q, tau_v = self.query_value_scales(x, q, v, positions)
         if tau_q is not None:
             q = (q.astype(jnp.float32) * tau_q[..., None]).astype(q.dtype)
@@ -171,7 +171,8 @@ class SelectiveAttention(nnx.Module):
 
     def _output(self, out, train, rngs):
         out = self.proj(out.reshape(*out.shape[:2], self.num_heads * self.head_dim))
-        return layers.dropout(out, self.dropout_rate, train=train, rngs=rngs)
+        return axes.constrain(layers.dropout(out, self.dropout_rate, train=train, rngs=rngs),
+                              axes.TOKENS)
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         q, k, v = self._project(x, jnp.arange(x.shape[1]))
@@ -217,7 +218,7 @@ class Block(nnx.Module):
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         x = x + self.attn(self.norm1(x), train=train, rngs=rngs)
-        return x + self.mlp(self.norm2(x), train=train, rngs=rngs)
+        return axes.constrain(x + self.mlp(self.norm2(x), train=train, rngs=rngs), axes.TOKENS)
 
     def decode(self, x, keys, values, position):
         out, keys, values = self.attn.decode(self.norm1(x), keys, values, position)
@@ -303,14 +304,15 @@ class SelectiveGPT(nnx.Module):
                              f"{self.max_seq_len} (the learned position table)")
 
     def _embed(self, tokens, positions):
-        x = jnp.take(self.embedding[...], tokens, axis=0)
-        x = x + jnp.take(self.pos_embedding[...], positions, axis=0)
-        return x.astype(self.dtype)
+        x = jnp.take(layers.gathered(self.embedding[...]), tokens, axis=0)
+        x = x + jnp.take(layers.gathered(self.pos_embedding[...]), positions, axis=0)
+        return axes.constrain(x.astype(self.dtype), axes.TOKENS)
 
     def _logits(self, x):
         x = self.final_norm(x)
-        return jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return axes.constrain(logits, axes.TOKEN_LOGITS)
 
     def __call__(self, tokens: jax.Array, *, train: bool = False,
                  rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zoo import layers
+from zoo import axes, layers
 from zoo.axes import with_axes
 from zoo.registry import register_model
 
@@ -292,8 +292,9 @@ class SwinBlock(nnx.Module):
                              f"{self.input_resolution[1]}, C], got shape {x.shape}")
         x = x + self.drop_path(self._attention(self.norm1(x), train=train, rngs=rngs),
                                train=train, rngs=rngs)
-        return x + self.drop_path(self.mlp(self.norm2(x), train=train, rngs=rngs),
-                                  train=train, rngs=rngs)
+        x = x + self.drop_path(self.mlp(self.norm2(x), train=train, rngs=rngs),
+                               train=train, rngs=rngs)
+        return axes.constrain(x, axes.MAPS)
 
 
 BlockFactory = Callable[..., nnx.Module]
@@ -500,7 +501,7 @@ _REFERENCE = "timm timm/models/swin_transformer.py (>= 0.9 layout); microsoft/Sw
 _INPUT = {"image": ((224, 224, 3), "float32")}
 # CPU-sized: 56 px -> 14x14 map (two 7x7 windows a side, so stage 0 has a shifted block), then
 # a 7x7 map (window clamps to the map, no shift).
-_TINY = dict(image_size=56, embed_dim=16, depths=(2, 1), num_heads=(1, 2), num_classes=10)
+_TINY = dict(image_size=56, embed_dim=16, depths=(2, 1), num_heads=(2, 4), num_classes=10)
 _TINY_INPUT = {"image": ((56, 56, 3), "float32")}
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo import layers
+from zoo import axes, layers
 from zoo.axes import with_axes
 from zoo.registry import register_model
 
@@ -55,8 +55,9 @@ class Block(nnx.Module):
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         x = x + self.drop_path(self.attn(self.norm1(x), train=train, rngs=rngs),
                                train=train, rngs=rngs)
-        return x + self.drop_path(self.mlp(self.norm2(x), train=train, rngs=rngs),
-                                  train=train, rngs=rngs)
+        x = x + self.drop_path(self.mlp(self.norm2(x), train=train, rngs=rngs),
+                               train=train, rngs=rngs)
+        return axes.constrain(x, axes.TOKENS)
 
 
 class VisionTransformer(nnx.Module):
@@ -159,7 +160,8 @@ class VisionTransformer(nnx.Module):
             cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype),
                                    (tokens.shape[0], 1, self.embed_dim))
             tokens = jnp.concatenate([cls, tokens], axis=1)
-        tokens = tokens + self.pos_embed[...].astype(self.dtype)
+        tokens = tokens + layers.gathered(self.pos_embed[...].astype(self.dtype))
+        tokens = axes.constrain(tokens, axes.TOKENS)
         return layers.dropout(tokens, self.dropout_rate, train=train, rngs=rngs)
 
     def forward_features(self, x: jax.Array, *, train: bool = False,

@@ -51,8 +51,9 @@ import numpy as np
 from flax import nnx
 
 import kernels_pallas
+from kernels_pallas import sharding
 from kernels_pallas.grid_sample import grid_sample
-from zoo import layers, swin
+from zoo import axes, layers, swin
 from zoo.axes import with_axes
 from zoo.registry import register_model
 
@@ -181,7 +182,8 @@ class VSAAttention(nnx.Module):
                                        self.relative_position_bias(), impl=self.attn_impl)
         out = swin.window_reverse(out.reshape(-1, ws * ws, heads * hd), ws, hp, wp)
         out = self.proj(out[:, :h, :w])
-        return layers.dropout(out, self.proj_drop, train=train, rngs=rngs)
+        return axes.constrain(layers.dropout(out, self.proj_drop, train=train, rngs=rngs),
+                              axes.MAPS)
 
 
 class DepthwiseConv(nnx.Module):
@@ -197,9 +199,18 @@ class DepthwiseConv(nnx.Module):
         self.dim, self.dtype = dim, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype), self.kernel[...].astype(self.dtype), (1, 1), "SAME",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.dim)
+        # Per batch shard (shard_map), the kernel whole on every device. XLA's SPMD partitioner
+        # mishandles grouped convolutions: with the batch split it all-gathers the whole map
+        # (openxla/xla#47945), and on a mesh with a further, replicated axis (data x tensor) it
+        # returns the kernel gradient multiplied by that axis's size (measured with jax 0.10.2,
+        # Shardy and GSPMD alike; tests/models/test_vsa.py).
+        def conv(maps, kernel):
+            return jax.lax.conv_general_dilated(
+                    maps, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                    feature_group_count=self.dim)
+
+        y = sharding.per_shard(conv, (x.astype(self.dtype), self.kernel[...].astype(self.dtype)),
+                               (axes.MAPS, None), axes.MAPS, what="DepthwiseConv")
         return y + self.bias[...].astype(self.dtype)
 
 
@@ -236,8 +247,9 @@ class VSABlock(nnx.Module):
         x = x + self.pos(x)
         x = x + self.drop_path(self.attn(self.norm1(x), train=train, rngs=rngs), train=train,
                                rngs=rngs)
-        return x + self.drop_path(self.mlp(self.norm2(x), train=train, rngs=rngs), train=train,
-                                  rngs=rngs)
+        x = x + self.drop_path(self.mlp(self.norm2(x), train=train, rngs=rngs), train=train,
+                               rngs=rngs)
+        return axes.constrain(x, axes.MAPS)
 
 
 MODEL_ARGS = tuple(a for a in swin.MODEL_ARGS if a != "block_factory")
@@ -268,7 +280,7 @@ _PAPER = ("Zhang, Xu, Zhang, Tao 2022, VSA: Learning Varied-Size Window Attentio
 _REFERENCE = ("ViTAE-Transformer/QFormer models/swin/swin_transformer_vsa.py (Swin-T + VSA); "
               "ViTAE-Transformer/ViTAE-VSA vsa.py")
 _INPUT = {"image": ((224, 224, 3), "float32")}
-_TINY = dict(image_size=56, embed_dim=16, depths=(2, 1), num_heads=(1, 2), num_classes=10)
+_TINY = dict(image_size=56, embed_dim=16, depths=(2, 1), num_heads=(2, 4), num_classes=10)
 _TINY_INPUT = {"image": ((56, 56, 3), "float32")}
 
 

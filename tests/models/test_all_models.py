@@ -29,11 +29,11 @@ BATCH = 2
 DEFAULT_PAPER_PARAMS_RTOL = 0.02
 
 
-def make_inputs(name: str, seed: int = 0) -> dict[str, jax.Array]:
+def make_inputs(name: str, seed: int = 0, batch: int = BATCH) -> dict[str, jax.Array]:
     inputs = {}
     rng = np.random.default_rng(seed)
     for key, (shape, dtype) in registry.tiny_input(name).items():
-        full_shape = (BATCH, *shape)
+        full_shape = (batch, *shape)
         if jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             inputs[key] = jnp.asarray(rng.standard_normal(full_shape), dtype=dtype)
         else:

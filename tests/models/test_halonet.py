@@ -229,6 +229,10 @@ def test_logical_axes_on_all_params(small_model):
         assert all(a is None or a in LOGICAL_AXES for a in axes), f"{name}: {axes}"
         if path[0] == "head":
             assert axes == (("embed", "classes") if path[-1] == "kernel" else ("classes",))
+        elif path[-1] == "kernel" and "attn" in path:  # q/kv: column-parallel by head
+            assert axes == halonet_lib.HEADS_OUT_AXES, f"{name}: {axes}"
+        elif path[-1] == "kernel" and "conv3" in path:  # row-parallel by head
+            assert axes == halonet_lib.HEADS_IN_AXES, f"{name}: {axes}"
         elif path[-1] == "kernel":
             assert axes == halonet_lib.CONV_AXES, f"{name}: {axes}"
         elif path[-1] == "bias":

@@ -149,3 +149,34 @@ def test_bad_arguments():
     attn = vsa.VSAAttention(16, 2, 4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"expects \[B, H, W, 16\]"):
         attn(jnp.zeros((1, 8, 8, 8)))
+
+
+@pytest.mark.parametrize("mesh_shape", [(4, 1, 2), (2, 4, 1)], ids=["data4_tensor2", "data2_fsdp4"])
+def test_depthwise_conv_gradient_on_a_mesh_equals_one_device(mesh_shape):
+    """The CPE's depthwise conv runs per batch shard (sharding.per_shard). Left to XLA's
+    partitioner (jax 0.10.2), its kernel gradient on the data x tensor mesh came out 2x too
+    large, and on a (2, 4) data x tensor mesh 4x: multiplied by the replicated axis size."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    from kernels_pallas import sharding
+
+    conv = vsa.DepthwiseConv(16, 7, dtype=jnp.float32, param_dtype=jnp.float32,
+                             rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(conv)
+    x = jax.random.normal(jax.random.key(1), (8, 14, 14, 16))
+    cotangent = jax.random.normal(jax.random.key(2), (8, 14, 14, 16))
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"),
+                         axis_types=(AxisType.Auto,) * 3)
+
+    def loss(params, x, in_mesh):
+        model = nnx.merge(graphdef, params)
+        if not in_mesh:
+            return jnp.sum(model(x) * cotangent)
+        with sharding.activation_sharding(mesh):
+            return jnp.sum(model(x) * cotangent)
+
+    want = jax.grad(loss)(params, x, False)
+    got = jax.jit(jax.grad(loss), static_argnums=2,
+                  in_shardings=(None, NamedSharding(mesh, P(("data", "fsdp")))))(params, x, True)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)

@@ -54,7 +54,8 @@ def _eval_sums(config, mesh, skeleton, model_shardings, model_state):
     data_sharding = mesh_lib.batch_sharding(mesh, config.data_axes)
     eval_step = step_lib.make_eval_step(skeleton=skeleton, task=tasks.get_task(config),
                                         mesh=mesh, model_shardings=model_shardings,
-                                        data_sharding=data_sharding)
+                                        data_sharding=data_sharding,
+                                        rules=mesh_lib.activation_rules(config))
     batch = put(synthetic_batch(5, with_mask=True), data_sharding)
     return {k: float(v) for k, v in jax.device_get(eval_step(model_state, batch)).items()}
 

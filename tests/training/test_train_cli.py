@@ -3,8 +3,9 @@
 One uninterrupted reference run is shared by the module; the other runs are compared with it:
 SIGTERM / kill -9 / resume (with and without grain worker processes) must reproduce its
 parameters and metrics bit for bit, eval.py on one device must reproduce its final eval, two
-processes x 4 devices must reproduce its losses, and a diverging run must stop with the step
-range and keep its last good checkpoint.
+processes x 4 devices must reproduce its losses (also on the kernel path, attn_impl="interpret",
+over a data x tensor mesh), and a diverging run must stop with the step range and keep its last
+good checkpoint.
 
 All runs share a persistent compilation cache, so only the first run of each program pays for
 XLA compilation.
@@ -280,11 +281,44 @@ def test_two_processes_match_one_process(reference_run, run_env, tmp_path):
     assert evals[TOTAL_STEPS]["eval/top1"] == ref_eval[TOTAL_STEPS]["eval/top1"]
 
 
-def test_bad_config_is_one_line_and_nonzero_exit(run_env, tmp_path):
-    result = _run(_train_command(tmp_path, "--config.batch_size=12"), run_env())
+def test_two_processes_on_the_kernel_path_match_one_process(reference_run, run_env, tmp_path):
+    """The Pallas kernel (interpreted) shard-mapped over a data x tensor mesh spanning two
+    processes (gloo collectives) trains like the one-process XLA reference run."""
+    reference = reference_run[0]
+    workdir = tmp_path / "two_processes_kernel"
+    address = f"localhost:{_free_port()}"
+    processes = [
+            _start(_train_command(workdir, f"--coordinator_address={address}",
+                                  "--num_processes=2", f"--process_id={i}",
+                                  "--config.model.attn_impl=interpret",
+                                  "--config.mesh_shape=(4,1,2)",
+                                  f"--config.checkpoint_every={TOTAL_STEPS}"),
+                   run_env(devices=4))
+            for i in range(2)]
+    results = [_finish(p) for p in processes]
+    for rc, _, err in results:
+        assert rc == 0, err[-5000:]
+    train, _ = _metrics(workdir)
+    ref_train, _ = _metrics(reference)
+    assert sorted(train) == sorted(ref_train)
+    for step in ref_train:
+        assert math.isclose(train[step]["train/loss"], ref_train[step]["train/loss"],
+                            rel_tol=1e-4), step
+
+
+@pytest.mark.parametrize("flags, message", [
+        (("--config.batch_size=12",), "ConfigError: config.batch_size=12 must be divisible"),
+        # The tiny ViT's 2 heads on a tensor axis of 4, on the kernel path: found while tracing
+        # the step, before any state or data exists.
+        (("--config.mesh_shape=(2,1,4)", "--config.model.attn_impl=interpret"),
+         "ConfigError: config.mesh_shape=(2, 1, 4) with logical_axis_rules: attention: 2 "
+         "attention heads cannot be split over mesh axis 'tensor' of size 4"),
+], ids=["batch", "heads_vs_tensor"])
+def test_bad_config_is_one_line_and_nonzero_exit(run_env, tmp_path, flags, message):
+    result = _run(_train_command(tmp_path, *flags), run_env())
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("ConfigError: config.batch_size=12 must be divisible")
+    assert last.startswith(message), last
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()
 

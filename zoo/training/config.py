@@ -92,6 +92,12 @@ def _check_values(c) -> None:
         if key in c.model.overrides:
             raise ConfigError(f"config.model.overrides.{key} is set by the loop; use "
                               f"config.precision.{'compute_dtype' if key == 'dtype' else key}")
+    if "attn_impl" in c.model.overrides:
+        raise ConfigError("config.model.overrides.attn_impl is set by the loop; use "
+                          "config.model.attn_impl")
+    from kernels_pallas.api import IMPLS
+    if c.model.attn_impl not in IMPLS:
+        _fail("model.attn_impl", c.model.attn_impl, f"one of {IMPLS}")
     if not c.model.name:
         _fail("model.name", c.model.name, "a registered model name (zoo.list_models())")
     profile = tuple(c.logging.profile_steps)
@@ -157,6 +163,7 @@ def model_kwargs(config) -> dict[str, Any]:
     kwargs = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
     kwargs["dtype"] = config.precision.compute_dtype
     kwargs["param_dtype"] = config.precision.param_dtype
+    kwargs["attn_impl"] = config.model.attn_impl
     return kwargs
 
 

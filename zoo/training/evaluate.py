@@ -45,7 +45,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
     # --- one pass over the eval split -------------------------------------------------------
     eval_step = step_lib.make_eval_step(skeleton=skeleton, task=task, mesh=mesh,
                                         model_shardings=model_shardings,
-                                        data_sharding=data_sharding)
+                                        data_sharding=data_sharding,
+                                        rules=mesh_lib.activation_rules(config))
     batches = data_lib.make_eval_iterator(config, mesh, data_sharding)
     metrics = step_lib.run_eval(eval_step, model_state, batches, task)
     result = {"step": int(step), **metrics}

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from kernels_pallas import sharding
+
 # Environment variables whose presence (with more than one task) means the job was launched on
 # several hosts by a scheduler that `jax.distributed.initialize()` can read by itself.
 _CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
@@ -92,20 +94,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _rule_targets(rules) -> dict[str, list[tuple[str, ...]]]:
-    """logical name -> candidate mesh-axis groups, in rule order (None = replicate)."""
-    table: dict[str, list[tuple[str, ...]]] = {}
-    for logical, target in rules:
-        if target is None:
-            group: tuple[str, ...] = ()
-        elif isinstance(target, str):
-            group = (target,)
-        else:
-            group = tuple(target)
-        table.setdefault(logical, []).append(group)
-    return table
-
-
 def logical_to_partition_spec(logical_axes: Sequence[str | None] | None,
                               shape: Sequence[int], mesh: Mesh, rules) -> PartitionSpec:
     """PartitionSpec for an array of `shape` whose dimensions carry `logical_axes`.
@@ -114,31 +102,18 @@ def logical_to_partition_spec(logical_axes: Sequence[str | None] | None,
     axes all exist, are not yet used by another dimension of this array, have a product > 1 and
     divide the dimension wins. A rule mapping to None, an unknown name, or no fitting rule leaves
     the dimension replicated. Mesh axes of size 1 are dropped from a rule (they split nothing).
+    Parameters and activations share this resolution (`kernels_pallas.sharding`).
     """
-    if not logical_axes:
-        return PartitionSpec()
-    table = _rule_targets(rules)
-    used: set[str] = set()
-    spec: list[Any] = []
-    for name, dim in zip(logical_axes, shape):
-        chosen = None
-        for group in table.get(name, []) if name is not None else []:
-            if not group:
-                break  # an explicit None rule: replicate, do not look further
-            if any(a not in mesh.shape for a in group):
-                continue
-            group = tuple(a for a in group if mesh.shape[a] > 1)
-            size = math.prod(mesh.shape[a] for a in group)
-            if not group or used.intersection(group) or dim % size:
-                continue
-            chosen = group
-            break
-        if chosen is None:
-            spec.append(None)
-        else:
-            used.update(chosen)
-            spec.append(chosen[0] if len(chosen) == 1 else chosen)
-    return PartitionSpec(*spec)
+    return sharding.partition_spec(logical_axes, shape, dict(mesh.shape), rules)
+
+
+def activation_rules(config) -> tuple:
+    """The rules the train and eval steps trace under (`kernels_pallas.activation_sharding`):
+    the batch over `config.data_axes` first, so activations and kernels split it as the input
+    batch is split, then `config.logical_axis_rules` (its `activation_*` entries; names it does
+    not mention follow `kernels_pallas.sharding.DEFAULT_RULES`)."""
+    return ((sharding.BATCH, tuple(config.data_axes)),) + tuple(
+            tuple(rule) for rule in config.logical_axis_rules)
 
 
 def param_shardings(abstract_state, mesh: Mesh, rules) -> dict:

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kernels_pallas import sharding
 from zoo.training import mesh as mesh_lib
 from zoo.training.state import ModelSkeleton
 from zoo.training.tasks import Task
@@ -47,6 +48,7 @@ def make_train_step(*, config, skeleton: ModelSkeleton, task: Task,
                     mesh: Mesh, state_shardings, data_sharding: NamedSharding):
     """The jitted `(state, batch) -> (state, metrics)`; the input state is donated."""
     k = int(config.grad_accum_steps)
+    rules = mesh_lib.activation_rules(config)
     base_key = jax.random.fold_in(jax.random.key(config.seed), _DROPOUT_STREAM)
 
     def micro_step(params, rest, batch, key):
@@ -61,6 +63,12 @@ def make_train_step(*, config, skeleton: ModelSkeleton, task: Task,
         return grads, new_rest, {"loss": loss, **metrics}
 
     def train_step(state, batch):
+        # Read while tracing: kernels run shard-mapped over `mesh` and activations are
+        # constrained by the rules (kernels_pallas/sharding.py).
+        with sharding.activation_sharding(mesh, rules):
+            return _train_step(state, batch)
+
+    def _train_step(state, batch):
         step = state["step"]
         params, rest = skeleton.split(state["model"])
         step_key = jax.random.fold_in(base_key, step)
@@ -96,11 +104,13 @@ def make_train_step(*, config, skeleton: ModelSkeleton, task: Task,
 
 
 def make_eval_step(*, skeleton: ModelSkeleton, task: Task, mesh: Mesh, model_shardings,
-                   data_sharding: NamedSharding):
-    """The jitted `(model_state, batch) -> mask-weighted metric sums` (replicated scalars)."""
+                   data_sharding: NamedSharding, rules):
+    """The jitted `(model_state, batch) -> mask-weighted metric sums` (replicated scalars);
+    `rules`: `mesh.activation_rules(config)`, how activations and kernels are split."""
 
     def eval_step(model_state, batch):
-        return task.eval_sums(skeleton.build(model_state), batch)
+        with sharding.activation_sharding(mesh, rules):
+            return task.eval_sums(skeleton.build(model_state), batch)
 
     return jax.jit(eval_step, in_shardings=(model_shardings, data_sharding),
                    out_shardings=mesh_lib.replicated(mesh))
