@@ -106,6 +106,12 @@ def sampling_coords(regression: jax.Array, padded_height: int, padded_width: int
     return coords.reshape(batch, heads, nh * nw, window * window, 2)
 
 
+# Logical names of the sampled maps [B, Hp, Wp, heads, hd] and of the sampling points / samples
+# [B, heads, windows, points, 2 | hd] (kernels_pallas/sharding.py).
+_SAMPLED_MAPS = (axes.BATCH, None, None, axes.HEADS, None)
+_SAMPLING_POINTS = (axes.BATCH, axes.HEADS, None, None, None)
+
+
 class VSAAttention(nnx.Module):
     """Varied-size window attention on [B, H, W, C] maps (module docstring for the maths).
 
@@ -170,10 +176,20 @@ class VSAAttention(nnx.Module):
 
         coords = sampling_coords(self.regress(jnp.pad(x, pad)), hp, wp, ws)
 
+        def sample_shard(t, points):  # [b, Hp, Wp, h, hd], [b, h, nW, N, 2] -> [b, h, nW, N, hd]
+            b_local, h_local = t.shape[0], t.shape[3]
+            per_head = jnp.moveaxis(t, 3, 1).reshape(b_local * h_local, hp, wp, hd)
+            picked = grid_sample(per_head, points.reshape(b_local * h_local, nh * nw,
+                                                          ws * ws, 2))
+            return picked.reshape(b_local, h_local, nh * nw, ws * ws, hd)
+
         def sample(t):  # [B, Hp, Wp, heads, hd] -> [B * nW, N, heads, hd]
-            per_head = jnp.moveaxis(t, 3, 1).reshape(b * heads, hp, wp, hd)
-            picked = grid_sample(per_head, coords.reshape(b * heads, nh * nw, ws * ws, 2))
-            picked = picked.reshape(b, heads, nh * nw, ws * ws, hd)
+            # Per shard under a mesh: batch and heads split as the attention that follows
+            # splits them. Folded into one [B * heads] axis, XLA's gather cannot keep that
+            # split and all-gathers the keys/values over `tensor` (measured).
+            picked = sharding.per_shard(sample_shard, (t, coords),
+                                        (_SAMPLED_MAPS, _SAMPLING_POINTS), _SAMPLING_POINTS,
+                                        what="VSA sampling")
             return jnp.moveaxis(picked, 1, 3).reshape(b * nh * nw, ws * ws, heads, hd)
 
         q_windows = swin.window_partition(q.reshape(b, hp, wp, heads * hd), ws)

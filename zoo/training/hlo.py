@@ -20,6 +20,11 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<type>.+?)\s+"
                           r"(?P<kind>" + "|".join(KINDS) + r")(?:-start)?\(")
 _ARRAY = re.compile(r"(?P<dtype>[a-z]+[0-9]*)\[(?P<dims>[0-9,]*)\]")
 _OP_NAME = re.compile(r'op_name="(?P<name>[^"]*)"')
+# Replica groups, in the three spellings XLA prints: explicit lists "{{0,1},{2,3}}", iota
+# "[groups,size]<=[...]", and "mesh['axis_0'=4,...] {'axis_1'}" (the axes the groups span).
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{(?P<first>[0-9,]*)\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(?P<groups>[0-9]+),(?P<size>[0-9]+)\]<=")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\] \{(?P<over>[^}]*)\}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +33,7 @@ class Collective:
     shapes: tuple[tuple[int, ...], ...]  # per-device result shape(s) (several when fused)
     dtypes: tuple[str, ...]
     op_name: str  # the jax operation it came from ("" when XLA gives none)
+    group_size: int | None  # devices per replica group (None: not read from the HLO)
 
     @property
     def elements(self) -> int:
@@ -39,10 +45,23 @@ class Collective:
         return f"{self.kind} {arrays}" + (f" ({self.op_name})" if self.op_name else "")
 
 
-def collectives(hlo_text: str) -> list[Collective]:
+def _group_size(line: str) -> int | None:
+    if match := _GROUPS_LIST.search(line):
+        return len([d for d in match.group("first").split(",") if d])
+    if match := _GROUPS_IOTA.search(line):
+        return int(match.group("size"))
+    if match := _GROUPS_MESH.search(line):
+        sizes = dict(re.findall(r"'([^']+)'=([0-9]+)", match.group("axes")))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", match.group("over")))
+    return None
+
+
+def collectives(hlo_text: str, *, include_trivial: bool = False) -> list[Collective]:
     """Every collective instruction in compiled HLO text, in program order.
 
-    The "-done" half of an async pair is not counted again.
+    The "-done" half of an async pair is not counted again. Collectives whose replica groups
+    hold one device each move nothing (shard_map's transpose sums over mesh axes of size 1,
+    for instance) and are left out unless `include_trivial`.
     """
     found = []
     for line in hlo_text.splitlines():
@@ -59,8 +78,11 @@ def collectives(hlo_text: str) -> list[Collective]:
         shapes = tuple(tuple(int(d) for d in dims.split(",") if d) for _, dims in arrays)
         dtypes = tuple(dtype for dtype, _ in arrays)
         op = _OP_NAME.search(line)
-        found.append(Collective(kind, shapes, dtypes,
-                                op.group("name") if op else ""))
+        group_size = _group_size(line)
+        if group_size == 1 and not include_trivial:
+            continue
+        found.append(Collective(kind, shapes, dtypes, op.group("name") if op else "",
+                                group_size))
     return found
 
 
