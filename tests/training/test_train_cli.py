@@ -259,14 +259,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(reference_run, run_env, tmp_path):
+@pytest.mark.parametrize("flags, loss_rtol", [
+        ((), 2e-5),
+        # The Pallas kernel (interpreted), shard-mapped over a data x tensor mesh that spans the
+        # two processes, against the XLA path of the reference run.
+        (("--config.model.attn_impl=interpret", "--config.mesh_shape=(4,1,2)"), 1e-4),
+], ids=["xla", "kernel_path"])
+def test_two_processes_match_one_process(reference_run, run_env, tmp_path, flags, loss_rtol):
     reference = reference_run[0]
     workdir = tmp_path / "two_processes"
     address = f"localhost:{_free_port()}"
     processes = [
             _start(_train_command(workdir, f"--coordinator_address={address}",
                                   "--num_processes=2", f"--process_id={i}",
-                                  f"--config.checkpoint_every={TOTAL_STEPS}"),
+                                  f"--config.checkpoint_every={TOTAL_STEPS}", *flags),
                    run_env(devices=4))
             for i in range(2)]
     results = [_finish(p) for p in processes]
@@ -277,33 +283,8 @@ def test_two_processes_match_one_process(reference_run, run_env, tmp_path):
     assert sorted(train) == sorted(ref_train)
     for step in ref_train:
         assert math.isclose(train[step]["train/loss"], ref_train[step]["train/loss"],
-                            rel_tol=2e-5), step
+                            rel_tol=loss_rtol), step
     assert evals[TOTAL_STEPS]["eval/top1"] == ref_eval[TOTAL_STEPS]["eval/top1"]
-
-
-def test_two_processes_on_the_kernel_path_match_one_process(reference_run, run_env, tmp_path):
-    """The Pallas kernel (interpreted) shard-mapped over a data x tensor mesh spanning two
-    processes (gloo collectives) trains like the one-process XLA reference run."""
-    reference = reference_run[0]
-    workdir = tmp_path / "two_processes_kernel"
-    address = f"localhost:{_free_port()}"
-    processes = [
-            _start(_train_command(workdir, f"--coordinator_address={address}",
-                                  "--num_processes=2", f"--process_id={i}",
-                                  "--config.model.attn_impl=interpret",
-                                  "--config.mesh_shape=(4,1,2)",
-                                  f"--config.checkpoint_every={TOTAL_STEPS}"),
-                   run_env(devices=4))
-            for i in range(2)]
-    results = [_finish(p) for p in processes]
-    for rc, _, err in results:
-        assert rc == 0, err[-5000:]
-    train, _ = _metrics(workdir)
-    ref_train, _ = _metrics(reference)
-    assert sorted(train) == sorted(ref_train)
-    for step in ref_train:
-        assert math.isclose(train[step]["train/loss"], ref_train[step]["train/loss"],
-                            rel_tol=1e-4), step
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -4,7 +4,9 @@ logical axis names on parameters (zoo/axes.py) to mesh axes.
 Models never mention the mesh: every parameter carries logical names such as ("embed", "mlp"),
 and `config.logical_axis_rules` (MaxText style) decides which mesh axis, if any, splits each
 dimension. Optimizer-state leaves that mirror a parameter take that parameter's sharding, so the
-whole train state is sharded from one rules table.
+whole train state is sharded from one rules table. The same table, with the batch following
+`config.data_axes` (`activation_rules`), splits activations and kernel calls while the steps
+trace (kernels_pallas/sharding.py).
 """
 from __future__ import annotations
 
