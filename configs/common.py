@@ -104,11 +104,16 @@ def base_config() -> ml_collections.ConfigDict:
         ("norm", None),
         ("pos", None),
         ("latents", None),
-        # Activations (kernels_pallas/sharding.py). Their batch always follows data_axes; names
-        # not listed here (length, height, width, embed, kv) stay whole.
+        # Activations and kernel operands (kernels_pallas/sharding.py). Their batch always
+        # follows data_axes. Kernels never split length, height or width.
         ("activation_heads", "tensor"),
         ("activation_mlp", "tensor"),
         ("activation_vocab", "tensor"),
+        ("activation_length", None),
+        ("activation_height", None),
+        ("activation_width", None),
+        ("activation_embed", None),
+        ("activation_kv", None),
     )
 
     # --- checkpoints, eval, logging ----------------------------------------------------------

@@ -90,6 +90,20 @@ def test_rule_naming_an_unknown_mesh_axis():
     assert "names mesh axis 'model'" in _error(config)
 
 
+def test_rule_naming_an_unknown_logical_axis():
+    config = tiny_config(logical_axis_rules=(("activation_haeds", "tensor"),))
+    message = _error(config)
+    assert "names logical axis 'activation_haeds'" in message and "activation_heads" in message
+
+
+def test_attn_impl_is_checked_and_not_taken_from_overrides():
+    assert "config.model.attn_impl='fast' is invalid" in _error(
+            tiny_config(**{"model.attn_impl": "fast"}))
+    config = tiny_config()
+    config.model.overrides.attn_impl = "xla"
+    assert "use config.model.attn_impl" in _error(config)
+
+
 def test_image_size_incompatible_with_the_model():
     config = tiny_config()
     config.model.overrides.image_size = 18

@@ -127,10 +127,16 @@ def _check_mesh(c, num_devices: int) -> tuple[int, ...]:
     unknown = [a for a in data_axes if a not in axes]
     if not data_axes or unknown:
         _fail("data_axes", data_axes, f"a non-empty tuple of mesh axes from {axes}")
+    from kernels_pallas.sharding import ACTIVATION_AXES
+    from zoo.axes import LOGICAL_AXES
+    names = sorted(LOGICAL_AXES) + sorted(ACTIVATION_AXES)
     for rule in c.logical_axis_rules:
         if (not isinstance(rule, (tuple, list)) or len(rule) != 2
                 or not isinstance(rule[0], str)):
             _fail("logical_axis_rules", rule, "(logical name, mesh axis | tuple of axes | None)")
+        if rule[0] not in names:  # a typo would silently leave its dimension unsplit
+            raise ConfigError(f"config.logical_axis_rules entry {tuple(rule)!r} names logical "
+                              f"axis {rule[0]!r}; allowed: {names}")
         target = rule[1]
         targets = () if target is None else (target,) if isinstance(target, str) else target
         if not isinstance(targets, (tuple, list)) or any(t not in axes for t in targets):
