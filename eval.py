@@ -19,6 +19,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from zoo.training import reporting
 from zoo.training.evaluate import evaluate_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,7 +34,6 @@ def main(argv):
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
     jax.config.update("jax_threefry_partitionable", True)
-    from zoo.training import reporting
     reporting.quiet_library_logs()
     try:
         result = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)

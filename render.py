@@ -24,6 +24,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from zoo.tasks import novel_view_synthesis as multiview
+from zoo.training import image_ops, reporting
+from zoo.training.evaluate import load_model
+
 _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "Config file and variant the run was trained with.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
@@ -45,17 +49,8 @@ def orbit_pose(theta: float, distance: float) -> np.ndarray:
     return pose
 
 
-def _to_uint8(image) -> np.ndarray:
-    return (np.clip(np.asarray(image, np.float32), 0, 1) * 255).round().astype(np.uint8)
-
-
 def render_checkpoint(config, workdir: str, *, step, num_examples: int, orbit: int,
                       image_path, distance: float, focal: float) -> dict:
-    from zoo.training.evaluate import load_model
-    from zoo.training import data as data_lib
-    from zoo.training import multiview
-    from zoo.training.images import image_grid, save_png
-
     if config.task != multiview.TASK:
         raise ValueError(f"config.task={config.task!r}: render.py renders "
                          f"{multiview.TASK!r} models")
@@ -73,22 +68,21 @@ def render_checkpoint(config, workdir: str, *, step, num_examples: int, orbit: i
     scores = {"psnr": [float(v) for v in multiview.psnr(jnp.mean(
                       jnp.square(rendered - batch["view_rgb"]), axis=(1, 2, 3)))],
               "ssim": [float(v) for v in multiview.ssim(rendered, batch["view_rgb"])]}
-    unnormalise = lambda x: (np.asarray(x) * data_lib.IMAGENET_STD  # noqa: E731
-                             + data_lib.IMAGENET_MEAN) / 255.0
-    rows = [[_to_uint8(unnormalise(batch["image"][i])), _to_uint8(batch["view_rgb"][i]),
-             _to_uint8(rendered[i])] for i in range(len(examples))]
+    to_uint8, unnormalise = image_ops.unit_to_uint8, image_ops.unnormalise
+    rows = [[to_uint8(unnormalise(batch["image"][i])), to_uint8(batch["view_rgb"][i]),
+             to_uint8(rendered[i])] for i in range(len(examples))]
     views_path = os.path.join(workdir, f"views_{step}.png")
-    save_png(image_grid(rows), views_path)
+    image_ops.save_png(image_ops.image_grid(rows), views_path)
     result = {"step": step, "views": views_path, **scores}
     if orbit > 0:
         if image_path:
             from PIL import Image
             pixels = np.asarray(Image.open(image_path).convert("RGB").resize((w, h)),
                                 np.float32)
-            normalised = (pixels - data_lib.IMAGENET_MEAN) / data_lib.IMAGENET_STD
+            normalised = image_ops.normalise(pixels)
             focal = focal or multiview.FOCAL_PER_HEIGHT * h
             camera = np.asarray([distance, focal / h], np.float32)
-            input_view = _to_uint8(pixels / 255.0)
+            input_view = to_uint8(pixels / 255.0)
         else:
             normalised = np.asarray(batch["image"][0])
             camera = np.asarray(batch["camera_params"][0])
@@ -102,9 +96,9 @@ def render_checkpoint(config, workdir: str, *, step, num_examples: int, orbit: i
             frame = render(model, jnp.asarray(normalised)[None], jnp.asarray(camera)[None],
                            jnp.asarray(origins, jnp.float32)[None],
                            jnp.asarray(dirs, jnp.float32)[None])
-            frames.append(_to_uint8(frame.reshape(h, w, 3)))
+            frames.append(to_uint8(frame.reshape(h, w, 3)))
         orbit_path = os.path.join(workdir, f"orbit_{step}.png")
-        save_png(image_grid([[input_view] + frames]), orbit_path)
+        image_ops.save_png(image_ops.image_grid([[input_view] + frames]), orbit_path)
         result["orbit"] = orbit_path
     return result
 
@@ -114,7 +108,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
-    from zoo.training import reporting
     reporting.quiet_library_logs()
     try:
         result = render_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value,

@@ -25,7 +25,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from zoo.training import evaluate
+from zoo import diffusion
+from zoo import generate as generate_lib
+from zoo.training import evaluate, image_ops, reporting
 
 _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "Config file and variant the run was trained with.", lock_config=False)
@@ -77,10 +79,6 @@ def decode(config, tokens: np.ndarray) -> str:
 def sample_images(config, workdir: str, *, step: int | None, num_samples: int, steps: int,
                   sampler: str, seed: int) -> str:
     """Writes <workdir>/samples_<step>.png; returns its path."""
-    from zoo import diffusion
-    from zoo.training import diffusion_task
-    from zoo.training import images as images_lib
-
     if num_samples < 1:
         raise ValueError(f"--num_samples={num_samples} must be >= 1")
     step, model = evaluate.load_model(config, workdir, step)
@@ -92,10 +90,10 @@ def sample_images(config, workdir: str, *, step: int | None, num_samples: int, s
                  step, sampler, steps)
     images = diffusion.sample(model, jax.random.key(seed), num_samples, steps=steps,
                               sampler=sampler, cond=cond)
-    pixels = diffusion_task.to_uint8(images)
+    pixels = image_ops.signed_to_uint8(images)
     per_row = 4
     path = os.path.join(workdir, f"samples_{step}.png")
-    images_lib.save_png(images_lib.image_grid(
+    image_ops.save_png(image_ops.image_grid(
             [list(pixels[i:i + per_row]) for i in range(0, len(pixels), per_row)]), path)
     return path
 
@@ -103,8 +101,6 @@ def sample_images(config, workdir: str, *, step: int | None, num_samples: int, s
 def sample_checkpoint(config, workdir: str, *, step: int | None, prompt: str,
                       prompt_ids: str | None, max_new_tokens: int, temperature: float,
                       top_k: int, greedy: bool, num_samples: int, seed: int) -> list[str]:
-    from zoo import generate as generate_lib
-
     if config.task != "language_modeling":
         raise ValueError(f"config.task={config.task!r}: sample.py samples language models "
                          f"(task 'language_modeling')")
@@ -129,7 +125,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
-    from zoo.training import reporting
     reporting.quiet_library_logs()
     try:
         if _CONFIG.value.task == "image_diffusion":

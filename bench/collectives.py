@@ -30,10 +30,10 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
 from kernels_pallas import sharding  # noqa: E402
-from zoo.training import data as data_lib  # noqa: E402
 from zoo.training import hlo  # noqa: E402
 from zoo.training import mesh as mesh_lib  # noqa: E402
 from zoo.training import optim as optim_lib  # noqa: E402
+from zoo.training import pipeline  # noqa: E402
 from zoo.training import state as state_lib  # noqa: E402
 from zoo.training import step as step_lib  # noqa: E402
 from zoo.training import tasks  # noqa: E402
@@ -69,12 +69,13 @@ def step_collectives(spec: str, mesh_shape, impl: str):
     shardings = state_lib.train_state_shardings(skeleton, abstract, mesh,
                                                 config.logical_axis_rules)
     data_sharding = mesh_lib.batch_sharding(mesh, config.data_axes)
+    task = tasks.get_task(config)
     step = step_lib.make_train_step(config=config, skeleton=skeleton,
-                                    task=tasks.get_task(config), tx=tx, lr_schedule=schedule,
+                                    task=task, tx=tx, lr_schedule=schedule,
                                     mesh=mesh, state_shardings=shardings,
                                     data_sharding=data_sharding)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sharding)
-             for k, v in data_lib.batch_spec(config, train=True).items()}
+             for k, v in pipeline.batch_spec(config, task, train=True).items()}
     with sharding.record_kernel_calls() as calls:
         compiled = step.lower(state_lib.with_shardings(abstract, shardings), batch).compile()
     param_shapes = [leaf.shape for leaf in jax.tree.leaves(params)]

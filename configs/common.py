@@ -21,14 +21,16 @@ def base_config() -> ml_collections.ConfigDict:
     # auto (Pallas kernels on GPU/TPU, XLA on CPU) | pallas | xla | interpret (the GPU kernel in
     # the Pallas interpreter: the kernel path on CPU, slow, for tests and debugging).
     c.model.attn_impl = "auto"
-    c.task = "classification"  # zoo.training.tasks registry: classification | language_modeling
+    # zoo.training.tasks.list_tasks(): classification | language_modeling | image_diffusion |
+    # masked_image_modeling | novel_view_synthesis
+    c.task = "classification"
     c.label_smoothing = 0.0  # classification training loss only; eval reports plain CE
 
     # --- data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     # classification: generated | image_folder | array_record | tfds
-    # language_modeling: embedded_text | token_files (zoo/training/lm.py)
-    # novel_view_synthesis: generated_multiview | multiview_folder (zoo/training/multiview.py)
+    # language_modeling: embedded_text | token_files (zoo/tasks/language_modeling.py)
+    # novel_view_synthesis: generated_multiview | multiview_folder (zoo/tasks/novel_view_synthesis.py)
     c.data.source = "generated"
     c.data.path = ""  # root folder / file glob / TFDS data dir, for non-generated sources
     c.data.name = ""  # TFDS dataset name (tfds source only)
@@ -47,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.vocab_size = 256  # 256 = byte-level (embedded_text)
     c.data.token_dtype = "uint16"  # token_files: uint16 | uint32 ids in <path>/<split>.bin
     c.data.bytes_per_token = 0.0  # token_files: corpus bytes per token, for bits_per_byte
-    # novel_view_synthesis only (zoo/training/multiview.py); image_size is then the height
+    # novel_view_synthesis only (zoo/tasks/novel_view_synthesis.py); image_size is then the height
     c.data.image_width = 0  # 0 = image_size (square)
     c.data.views_per_scene = 6  # generated_multiview: views rendered per scene
     c.data.num_scenes = 64  # generated_multiview: train scenes (eval: an eighth)

@@ -1,5 +1,5 @@
 r"""NViST configs: a CPU smoke run on the generated multi-view scenes, the full model on a
-multi-view folder (MVImgNet-style, see zoo/training/multiview.py), and MAE pre-training.
+multi-view folder (MVImgNet-style, see zoo/tasks/novel_view_synthesis.py), and MAE pre-training.
 
   python train.py  --config configs/nvist.py:smoke --workdir /tmp/nvist_smoke
   python render.py --config configs/nvist.py:smoke --workdir /tmp/nvist_smoke   # PNG grids

@@ -83,15 +83,7 @@ def _imagenet(variant: str) -> ml_collections.ConfigDict:
             image_size=224, num_classes=1000, drop_path_rate=_DEIT_DROP_PATH))
 
     # TFDS's on-disk imagenet2012 (read without TensorFlow); point data.path at the data dir.
-    c.data.source = "tfds"
-    c.data.name = "imagenet2012"
-    c.data.path = "~/tensorflow_datasets"
-    c.data.train_split = "train"
-    c.data.eval_split = "validation"
-    c.data.image_size = 224
-    c.data.num_classes = 1000
-    c.data.augment = "crop_flip"
-    c.data.worker_count = 8
+    common.imagenet_data(c, "tfds", 224)
 
     c.batch_size = _DEIT_BATCH
     steps_per_epoch = _IMAGENET_TRAIN_IMAGES / _DEIT_BATCH

@@ -1,4 +1,4 @@
-"""NViST (zoo/nvist.py, zoo/mae.py) and its multi-view data (zoo/training/multiview.py)."""
+"""NViST (zoo/nvist.py, zoo/mae.py) and its multi-view data (zoo/tasks/novel_view_synthesis.py)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from flax import nnx
 
 import zoo
 from zoo import mae, nvist
-from zoo.training import multiview
+from zoo.tasks import novel_view_synthesis as multiview
 
 
 def params_of(module) -> int:
@@ -222,12 +222,12 @@ def official_model(state, spec, **kw):
 
 
 def test_official_weights_reproduce_the_reference_field_and_render():
-    from zoo.training import data as data_lib
+    from zoo.training import image_ops
     data, state, spec = load_fixture()
     model = official_model(state, spec)
     # The reference normalises [0, 1] images with ImageNet statistics inside its encoder; our
     # pipeline hands the encoder normalised images.
-    images = (data["images"] * 255.0 - data_lib.IMAGENET_MEAN) / data_lib.IMAGENET_STD
+    images = (data["images"] * 255.0 - image_ops.IMAGENET_MEAN) / image_ops.IMAGENET_STD
     run = nnx.jit(lambda m, *a: (m.radiance_field(*a[:2]), m(*a)))
     (planes, lines), out = run(model, jnp.asarray(images), jnp.asarray(data["camera_params"]),
                                jnp.asarray(data["rays_o"]), jnp.asarray(data["rays_d"]))

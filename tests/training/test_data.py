@@ -15,7 +15,20 @@ from PIL import Image
 
 from configs import common
 from training_helpers import apply_changes
-from zoo.training import data, records
+from zoo.training import image_ops, pipeline, records, sources, tasks
+
+
+def _task(config):
+    return tasks.get_task(config)
+
+
+def _validate(config) -> None:
+    pipeline.validate_data_config(config, _task(config))
+
+
+def _iterator(config, process_index: int = 0, process_count: int = 1):
+    return pipeline.TrainIterator(config, _task(config), None, process_index=process_index,
+                                  process_count=process_count)
 
 
 def _config(**changes):
@@ -149,10 +162,10 @@ def test_example_codec_round_trip_and_errors():
 # ================================================================================================
 
 def test_train_batches_are_deterministic_from_the_seed():
-    first = _take(data.TrainIterator(_config(), None, process_index=0, process_count=1), 4)
-    again = _take(data.TrainIterator(_config(), None, process_index=0, process_count=1), 4)
+    first = _take(_iterator(_config()), 4)
+    again = _take(_iterator(_config()), 4)
     _assert_same_batches(first, again)
-    other = _take(data.TrainIterator(_config(seed=1), None, process_index=0, process_count=1), 4)
+    other = _take(_iterator(_config(seed=1)), 4)
     assert not all(np.array_equal(a["label"], b["label"]) for a, b in zip(first, other))
     assert first[0]["image"].shape == (8, 8, 8, 3) and first[0]["image"].dtype == np.float32
     assert first[0]["label"].dtype == np.int32
@@ -161,9 +174,9 @@ def test_train_batches_are_deterministic_from_the_seed():
 def test_generated_images_are_normalised_and_learnable():
     """Nearest class mean on raw pixels (train split -> eval split) is far above chance."""
     num_classes, side = 10, 16
-    train = data.GeneratedImages(num_examples=300, image_size=side, num_classes=num_classes,
+    train = sources.GeneratedImages(num_examples=300, image_size=side, num_classes=num_classes,
                                  split="train")
-    held_out = data.GeneratedImages(num_examples=100, image_size=side, num_classes=num_classes,
+    held_out = sources.GeneratedImages(num_examples=100, image_size=side, num_classes=num_classes,
                                     split="eval")
 
     def pixels(source):
@@ -180,14 +193,14 @@ def test_generated_images_are_normalised_and_learnable():
     assert not np.array_equal(train[0]["image"], held_out[0]["image"])
     assert not np.array_equal(train[0]["image"], train[num_classes]["image"])
     # After normalisation the images are roughly zero-mean, unit-variance.
-    batch = data.TrainIterator(_config(), None, process_index=0, process_count=1).next_local()
+    batch = _iterator(_config()).next_local()
     assert abs(float(batch["image"].mean())) < 0.75
     assert 0.5 < float(batch["image"].std()) < 1.5
 
 
 @pytest.mark.parametrize("num_examples", [30, 31, 7])
 def test_global_order_covers_every_example_once_per_epoch(num_examples):
-    stream = data._global_index_stream(num_examples, seed=3, shuffle=True)
+    stream = pipeline._global_index_stream(num_examples, seed=3, shuffle=True)
     first = [stream[i] for i in range(num_examples)]
     second = [stream[i] for i in range(num_examples, 2 * num_examples)]
     assert sorted(first) == sorted(second) == list(range(num_examples))
@@ -202,9 +215,8 @@ def test_processes_split_the_same_global_batches_as_one_process(process_count, a
     process order, are the single-process global batch (augmentation included), across an
     epoch boundary (24 examples = 3 batches of 8; 5 batches read)."""
     config = _config(**{"data.augment": augment})
-    single = _take(data.TrainIterator(config, None, process_index=0, process_count=1), 5)
-    shares = [_take(data.TrainIterator(config, None, process_index=p,
-                                       process_count=process_count), 5)
+    single = _take(_iterator(config), 5)
+    shares = [_take(_iterator(config, p, process_count), 5)
               for p in range(process_count)]
     for k, expected in enumerate(single):
         for key in expected:
@@ -214,12 +226,12 @@ def test_processes_split_the_same_global_batches_as_one_process(process_count, a
 
 def test_train_pipeline_on_two_simulated_processes_reads_the_set_once_per_epoch():
     config = _config(**{"data.augment": "none"})  # images then equal the source's exactly
-    source = data.open_source(config, config.data.train_split)
-    prepare = data._classification_preparer(config)
+    source = sources.open_source(config, config.data.train_split)
+    prepare = _task(config).make_preparer(config)
     expected = sorted(_fingerprints(prepare(source[i], None)["image"] for i in range(24)))
     seen = []
     for index in range(2):
-        iterator = data.TrainIterator(config, None, process_index=index, process_count=2)
+        iterator = _iterator(config, index, 2)
         # 24 examples / 2 processes = 12 per process = 3 local batches of 8 // 2.
         for batch in _take(iterator, 3):
             assert batch["image"].shape[0] == 4
@@ -229,16 +241,15 @@ def test_train_pipeline_on_two_simulated_processes_reads_the_set_once_per_epoch(
 
 def test_resume_continues_with_identical_batches():
     config = _config(**{"data.augment": "crop_flip"})
-    iterator = data.TrainIterator(config, None, process_index=0, process_count=1)
+    iterator = _iterator(config)
     _take(iterator, 5)  # beyond one epoch (3 batches): resume crosses an epoch boundary
     state = json.loads(json.dumps(iterator.get_state()))  # what the checkpoint stores
     expected = _take(iterator, 4)
-    restored = data.TrainIterator(config, None, process_index=0, process_count=1)
+    restored = _iterator(config)
     restored.set_state(state)
     _assert_same_batches(_take(restored, 4), expected)
     with pytest.raises(ValueError, match="batch_size=8"):
-        data.TrainIterator(_config(batch_size=16), None, process_index=0,
-                           process_count=1).set_state(state)
+        _iterator(_config(batch_size=16)).set_state(state)
 
 
 @pytest.mark.slow
@@ -246,12 +257,12 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly():
     """worker_count=2 yields the in-process batches, and a position saved by one pipeline
     restores exactly into the other (one worker pool is started, to keep the test short)."""
     config = _config(**{"data.augment": "crop_flip"})
-    in_process = data.TrainIterator(config, None, process_index=0, process_count=1)
+    in_process = _iterator(config)
     _take(in_process, 2)
     state = json.loads(json.dumps(in_process.get_state()))
     expected = _take(in_process, 4)
     config.data.worker_count = 2
-    workers = data.TrainIterator(config, None, process_index=0, process_count=1)
+    workers = _iterator(config)
     workers.set_state(state)
     try:
         _assert_same_batches(_take(workers, 4), expected)
@@ -272,15 +283,15 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly():
 ])
 def test_eval_pass_is_padded_with_an_exact_mask(process_count, cap, expected_masks):
     config = _config(**{"eval.num_batches": cap})  # 10 eval examples, eval batch 4
-    source = data.open_source(config, config.data.eval_split)
-    prepare = data._classification_preparer(config)
+    source = sources.open_source(config, config.data.eval_split)
+    prepare = _task(config).make_preparer(config)
     reference = {fp: int(source[i]["label"]) for i in range(len(source))
                  for fp in _fingerprints([prepare(source[i], None)["image"]])}
     if process_count == 1:
         expected_masks = [expected_masks]
     real = []
     for index in range(process_count):
-        batches = list(data._local_eval_batches(config, process_index=index,
+        batches = list(pipeline._local_eval_batches(config, _task(config), process_index=index,
                                                 process_count=process_count))
         assert [b["mask"].tolist() for b in batches] == expected_masks[index]
         for batch in batches:
@@ -310,19 +321,19 @@ def test_global_batches_have_the_requested_sharding(shape, axes, data_axes):
     mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes))
     sharding = NamedSharding(mesh, P(data_axes))
     config = _config(batch_size=16, **{"eval.batch_size": 8})
-    batch = next(data.make_train_iterator(config, mesh, sharding))
-    spec = data.batch_spec(config, train=True)
+    batch = next(pipeline.make_train_iterator(config, _task(config), mesh, sharding))
+    spec = pipeline.batch_spec(config, _task(config), train=True)
     assert batch.keys() == spec.keys()
     shards = math.prod(mesh.shape[a] for a in data_axes)
     for key, array in batch.items():
         assert array.shape == spec[key].shape and array.dtype == spec[key].dtype
         assert array.sharding == sharding
         assert array.addressable_shards[0].data.shape[0] == 16 // shards
-    expected = data.TrainIterator(config, None, process_index=0, process_count=1).next_local()
+    expected = _iterator(config).next_local()
     np.testing.assert_array_equal(np.asarray(batch["image"]), expected["image"])
-    eval_batches = list(data.make_eval_iterator(config, mesh, sharding))
+    eval_batches = list(pipeline.make_eval_iterator(config, _task(config), mesh, sharding))
     assert len(eval_batches) == 2  # 10 examples in batches of 8
-    assert eval_batches[-1].keys() == data.batch_spec(config, train=False).keys()
+    assert eval_batches[-1].keys() == pipeline.batch_spec(config, _task(config), train=False).keys()
     assert eval_batches[-1]["mask"].sharding == sharding
     assert float(np.asarray(eval_batches[-1]["mask"]).sum()) == 2.0
 
@@ -354,7 +365,7 @@ def _write_image_folder(root, *, counts=None):
 
 
 def _denormalised_means(images):
-    pixels = images * data.IMAGENET_STD + data.IMAGENET_MEAN
+    pixels = images * image_ops.IMAGENET_STD + image_ops.IMAGENET_MEAN
     return pixels.reshape(len(images), -1, 3).mean(axis=1)
 
 
@@ -362,8 +373,8 @@ def test_image_folder_source(tmp_path):
     _write_image_folder(tmp_path)
     config = _config(**{"data.source": "image_folder", "data.path": str(tmp_path),
                         "data.num_classes": 4, "data.augment": "crop_flip", "eval.batch_size": 4})
-    data.validate_data_config(config)
-    eval_batches = list(data._local_eval_batches(config, process_index=0, process_count=1))
+    pipeline.validate_data_config(config, _task(config))
+    eval_batches = list(pipeline._local_eval_batches(config, _task(config), process_index=0, process_count=1))
     labels = np.concatenate([b["label"] for b in eval_batches])
     masks = np.concatenate([b["mask"] for b in eval_batches])
     assert labels[masks > 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # sorted names
@@ -372,7 +383,7 @@ def test_image_folder_source(tmp_path):
     means = _denormalised_means(images)
     for mean, label in zip(means, labels[masks > 0]):
         np.testing.assert_allclose(mean, COLOURS[sorted(COLOURS)[label]], atol=4)
-    train = data.TrainIterator(config, None, process_index=0, process_count=1).next_local()
+    train = _iterator(config).next_local()
     assert train["image"].shape == (8, 8, 8, 3)
     # Random crops of a solid colour keep the colour: labels and pixels stay consistent.
     for mean, label in zip(_denormalised_means(train["image"]), train["label"]):
@@ -395,10 +406,10 @@ def test_array_record_source_reads_tfds_style_examples(tmp_path):
     for path in (str(tmp_path), str(tmp_path / "toy-{split}.array_record-*")):
         config = _config(**{"data.source": "array_record", "data.path": path,
                             "eval.batch_size": 4})
-        data.validate_data_config(config)
-        train_source = data.open_source(config, "train")
+        pipeline.validate_data_config(config, _task(config))
+        train_source = sources.open_source(config, "train")
         assert [train_source[i]["label"] for i in range(len(train_source))] == [0, 1, 2, 3, 0]
-        batches = list(data._local_eval_batches(config, process_index=0, process_count=1))
+        batches = list(pipeline._local_eval_batches(config, _task(config), process_index=0, process_count=1))
         assert [b["label"].tolist() for b in batches] == [[2, 1, 0, 0]]
         assert batches[0]["mask"].tolist() == [1, 1, 1, 0]
         red = _denormalised_means(batches[0]["image"][:3])[:, 0]
@@ -414,10 +425,10 @@ def test_tfds_layout_picks_the_highest_version(tmp_path):
     (tmp_path / "toy" / "downloads").mkdir()
     config = _config(**{"data.source": "tfds", "data.path": str(tmp_path), "data.name": "toy",
                         "data.eval_split": "test"})
-    data.validate_data_config(config)
-    assert data.open_source(config, "test")[0]["label"] == 3  # 1.10.0 > 1.9.2 > 1.0.0
+    pipeline.validate_data_config(config, _task(config))
+    assert sources.open_source(config, "test")[0]["label"] == 3  # 1.10.0 > 1.9.2 > 1.0.0
     config.data.name = "toy:1.9.2"
-    assert data.open_source(config, "train")[1]["label"] == 1
+    assert sources.open_source(config, "train")[1]["label"] == 1
 
 
 # ================================================================================================
@@ -461,7 +472,7 @@ def _error_cases(tmp_path):
 def test_bad_data_configs_raise_a_clear_value_error(tmp_path):
     for changes, message in _error_cases(tmp_path):
         with pytest.raises(ValueError) as info:
-            data.validate_data_config(_config(**changes))
+            _validate(_config(**changes))
         assert message in str(info.value), (changes, str(info.value))
 
 
@@ -470,14 +481,14 @@ def test_image_folder_class_count_must_match(tmp_path):
     config = _config(**{"data.source": "image_folder", "data.path": str(tmp_path),
                         "data.num_classes": 3})
     with pytest.raises(ValueError, match="num_classes=3 but .* has 4 class folders"):
-        data.validate_data_config(config)
+        pipeline.validate_data_config(config, _task(config))
 
 
 def test_out_of_range_labels_and_undecodable_images_name_the_example(tmp_path):
     _write_records(tmp_path / "a-train.array_record", [0, 9])
     config = _config(**{"data.source": "array_record", "data.path": str(tmp_path)})
-    source = data.open_source(config, "train")
-    prepare = data._classification_preparer(config)
+    source = sources.open_source(config, "train")
+    prepare = _task(config).make_preparer(config)
     with pytest.raises(ValueError, match=r"record 1: label 9 is outside \[0, "
                                          r"config.data.num_classes=4\)"):
         prepare(source[1], None)
@@ -489,7 +500,7 @@ def test_random_resized_crop_stays_inside_the_image_with_valid_ratios():
     rng = np.random.default_rng(0)
     for height, width in ((40, 60), (10, 200), (32, 32)):
         for _ in range(50):
-            left, top, right, bottom = data._random_resized_box(height, width, rng)
+            left, top, right, bottom = image_ops.random_resized_box(height, width, rng)
             assert 0 <= left < right <= width and 0 <= top < bottom <= height
             ratio = (right - left) / (bottom - top)
             assert 0.7 < ratio < 1.4, (height, width, ratio)
@@ -497,9 +508,9 @@ def test_random_resized_crop_stays_inside_the_image_with_valid_ratios():
 
 def test_extension_table_and_batch_spec():
     config = _config()
-    spec = data.batch_spec(config, train=False)
-    # The lookup imported the task modules, which registered their data halves.
-    assert set(data._DATA_TASKS) == {"classification", "language_modeling", "image_diffusion",
+    spec = pipeline.batch_spec(config, _task(config), train=False)
+    # The lookup imported the task modules, which registered their tasks (each with its data).
+    assert set(tasks.list_tasks()) == {"classification", "language_modeling", "image_diffusion",
                                      "novel_view_synthesis", "masked_image_modeling"}
     assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {
             "image": ((4, 8, 8, 3), np.float32), "label": ((4,), np.int32),

@@ -13,6 +13,7 @@ import pytest
 
 from training_helpers import apply_changes
 from zoo.training import config as config_lib, optim
+from zoo.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 fit_configs = importlib.import_module("configs.fit")
@@ -29,14 +30,13 @@ def test_full_variants_build(arg):
 @pytest.mark.parametrize("variant,drop", [("encoder_smoke", 0.5), ("ar_smoke", 0.3),
                                           ("denoiser_smoke", 0.3)])
 def test_smoke_variant_trains_with_falling_loss(variant, drop, tmp_path):
-    import train as train_cli
 
     config = apply_changes(fit_configs.get_config(variant), {
             "total_steps": 40, "checkpoint_every": 40, "eval_every": 40,
             "logging.progress_bar": False, "logging.tensorboard": False})
     config_lib.validate_config(config, num_devices=1)
     workdir = str(tmp_path)
-    train_cli.train_and_evaluate(config, workdir, profile_steps=None)
+    trainer.train_and_evaluate(config, workdir, profile_steps=None)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     losses = [r["train/loss"] for r in records if "train/loss" in r]

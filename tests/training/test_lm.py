@@ -1,4 +1,4 @@
-"""The language-modelling task and its data (zoo/training/lm.py): windowing, splits, token
+"""The language-modelling task and its data (zoo/tasks/language_modeling.py): windowing, splits, token
 files, loss and eval metrics against direct computations, config errors, and a tiny causal LM
 trained end to end by the real loop (train_and_evaluate + eval from the checkpoint)."""
 from __future__ import annotations
@@ -18,7 +18,9 @@ from zoo import layers, registry
 from zoo.axes import with_axes
 from zoo.training import config as config_lib
 from training_helpers import apply_changes
-from zoo.training import data, lm, tasks
+from zoo.tasks import language_modeling as lm
+from zoo.training import pipeline, tasks
+from zoo.training import trainer
 
 VOCAB = 256
 
@@ -49,6 +51,10 @@ if "test_tiny_causal_lm" not in registry._REGISTRY:
                             config="tests/training/test_lm.py")(
             lambda *, rngs, **kw: TinyCausalLM(rngs=rngs, **kw))
 
+
+
+def _validate(config) -> None:
+    pipeline.validate_data_config(config, tasks.get_task(config), process_count=1)
 
 def lm_config(**changes) -> ml_collections.ConfigDict:
     c = common.base_config()
@@ -98,18 +104,16 @@ def test_token_files_round_trip_and_errors(tmp_path):
         lm.write_token_file(str(tmp_path / f"{split}.bin"), tokens)
     config = lm_config(**{"data.source": "token_files", "data.path": str(tmp_path),
                           "data.vocab_size": 1000})
-    data.validate_data_config(config, process_count=1)
+    _validate(config)
     windows = lm.open_split(config, "eval")
     np.testing.assert_array_equal(windows[1]["tokens"], ids["eval"][16:33])
 
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "train.bin").write_bytes(b"\x01\x02\x03")
     with pytest.raises(ValueError, match="not a multiple of"):
-        data.validate_data_config(lm_config(**{"data.source": "token_files",
-                                               "data.path": str(tmp_path / "odd")}), process_count=1)
+        _validate(lm_config(**{"data.source": "token_files", "data.path": str(tmp_path / "odd")}))
     with pytest.raises(ValueError, match="does not exist"):
-        data.validate_data_config(lm_config(**{"data.source": "token_files",
-                                               "data.path": str(tmp_path / "none")}), process_count=1)
+        _validate(lm_config(**{"data.source": "token_files", "data.path": str(tmp_path / "none")}))
     small_vocab = lm_config(**{"data.source": "token_files", "data.path": str(tmp_path),
                                "data.vocab_size": 10})
     with pytest.raises(ValueError, match="outside config.data.vocab_size=10"):
@@ -125,13 +129,13 @@ def test_token_files_round_trip_and_errors(tmp_path):
 ])
 def test_bad_lm_data_configs_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
-        data.validate_data_config(lm_config(**changes), process_count=1)
+        _validate(lm_config(**changes))
 
 
 def test_classification_rejects_text_sources():
     config = lm_config(task="classification")
     with pytest.raises(ValueError, match="invalid for config.task='classification'"):
-        data.validate_data_config(config, process_count=1)
+        _validate(config)
 
 
 def test_model_overrides_must_agree_with_the_data():
@@ -165,11 +169,10 @@ def test_loss_and_eval_metrics_equal_direct_computations():
 
 
 def test_tiny_lm_trains_on_embedded_text_and_evaluates_from_its_checkpoint(tmp_path):
-    import train as train_cli
     from zoo.training.evaluate import evaluate_checkpoint
 
     config = lm_config(checkpoint_every=30, eval_every=0, log_every=1)
-    train_cli.train_and_evaluate(config, str(tmp_path), profile_steps=None)
+    trainer.train_and_evaluate(config, str(tmp_path), profile_steps=None)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert losses[0] > 5.0  # ~ln(256) = 5.55 at init

@@ -13,6 +13,7 @@ import numpy as np
 
 from training_helpers import apply_changes
 from zoo.training import config as config_lib, optim
+from zoo.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 nvist_configs = importlib.import_module("configs.nvist")
@@ -25,7 +26,6 @@ def test_reference_variant_builds():
 
 
 def test_smoke_trains_psnr_rises_and_renders(tmp_path):
-    import train as train_cli
 
     changes = {"total_steps": 60, "checkpoint_every": 30, "eval_every": 30,
                "data.num_scenes": 16, "logging.progress_bar": False,
@@ -33,7 +33,7 @@ def test_smoke_trains_psnr_rises_and_renders(tmp_path):
     config = apply_changes(nvist_configs.get_config("smoke"), changes)
     config_lib.validate_config(config, num_devices=1)
     workdir = str(tmp_path)
-    train_cli.train_and_evaluate(config, workdir, profile_steps=None)
+    trainer.train_and_evaluate(config, workdir, profile_steps=None)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     evals = [r for r in records if "eval/psnr" in r]
@@ -42,7 +42,7 @@ def test_smoke_trains_psnr_rises_and_renders(tmp_path):
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"], evals
     # Better than rendering nothing (black, the renderer's empty-space colour) on the same
     # held-out views: the model has learnt colour where the objects are.
-    from zoo.training import multiview
+    from zoo.tasks import novel_view_synthesis as multiview
     source = multiview.open_split(config, config.data.eval_split)
     prepare = multiview.PrepareViews(40, 30, 2, 64)
     black = np.mean([np.mean(prepare(source[i], None)["view_rgb"] ** 2)
@@ -62,12 +62,11 @@ def test_smoke_trains_psnr_rises_and_renders(tmp_path):
 
 
 def test_mae_stage_trains_with_falling_loss(tmp_path):
-    import train as train_cli
 
     changes = {"total_steps": 30, "checkpoint_every": 30, "eval_every": 30,
                "log_every": 5, "logging.progress_bar": False, "logging.tensorboard": False}
     config = apply_changes(nvist_configs.get_config("mae_smoke"), changes)
-    train_cli.train_and_evaluate(config, str(tmp_path), profile_steps=None)
+    trainer.train_and_evaluate(config, str(tmp_path), profile_steps=None)
     with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     losses = [r["train/loss"] for r in records if "train/loss" in r]

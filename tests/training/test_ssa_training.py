@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from training_helpers import apply_changes
+from zoo.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ssa_configs = importlib.import_module("configs.ssa")
@@ -56,11 +57,10 @@ def test_bad_option_names_the_file_and_the_allowed_values():
 
 
 def test_smoke_trains_with_falling_loss_evaluates_and_samples(tmp_path):
-    import train as train_cli
     from zoo.training.evaluate import evaluate_checkpoint
 
     workdir = str(tmp_path / "run")
-    train_cli.train_and_evaluate(smoke(), workdir, profile_steps=None)
+    trainer.train_and_evaluate(smoke(), workdir, profile_steps=None)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     losses = [r["train/loss"] for r in records if "train/loss" in r]

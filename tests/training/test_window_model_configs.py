@@ -10,6 +10,7 @@ import pytest
 
 from training_helpers import apply_changes
 from zoo.training import config as config_lib, optim
+from zoo.training import trainer
 
 swin_configs = importlib.import_module("configs.swin")
 vsa_configs = importlib.import_module("configs.vsa")
@@ -41,7 +42,6 @@ def test_bad_variant_names_the_file():
 
 @pytest.mark.parametrize("file", ["swin", "vsa"])
 def test_smoke_trains_and_evaluates(file, tmp_path):
-    import train as train_cli
     from zoo.training.evaluate import evaluate_checkpoint
 
     steps = 30
@@ -50,7 +50,7 @@ def test_smoke_trains_and_evaluates(file, tmp_path):
                "logging.progress_bar": False, "logging.tensorboard": False}
     workdir = str(tmp_path)
     configs = FILES[file]
-    train_cli.train_and_evaluate(apply_changes(configs.get_config("smoke"), changes),
+    trainer.train_and_evaluate(apply_changes(configs.get_config("smoke"), changes),
                                  workdir, profile_steps=None)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]

@@ -10,7 +10,7 @@ patch conv [out, in, kh, kw] -> [kh, kw, in, out]. Training checkpoints that wra
 
 What the weights do not record and must be given when they differ from the reference config:
 `image_size` (default (160, 90)), `encoder_heads` / `decoder_heads` (default width / 64),
-`num_samples` (48), `near_far` ((0.0, 1.5): the dataset's, see zoo/training/multiview.py) and
+`num_samples` (48), `near_far` ((0.0, 1.5): the dataset's, see zoo/tasks/novel_view_synthesis.py) and
 `aabb` (0.8).
 """
 from __future__ import annotations

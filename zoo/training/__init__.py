@@ -3,6 +3,7 @@ train/eval steps, checkpoints and run logging. `train.py` and `eval.py` at the r
 a sequence of calls into these modules.
 
 Submodules are imported by name (`from zoo.training import mesh`) rather than re-exported here,
-so that the data workers grain spawns, which import `zoo.training.data`, do not pay for orbax,
-tensorboardX and the rest of the loop.
+so that the data workers grain spawns, which import `zoo.training.pipeline` and a task, do not
+pay for orbax, tensorboardX and the rest of the loop. Projects (tasks other than classification)
+live in zoo/tasks/.
 """

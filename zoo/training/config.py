@@ -13,14 +13,19 @@ import math
 from typing import Any
 
 import ml_collections
+from flax import nnx
+
+import zoo
+from kernels_pallas.api import IMPLS
+from kernels_pallas.sharding import ACTIVATION_AXES
+from zoo.axes import LOGICAL_AXES
+from zoo.training import optim, pipeline, tasks
+from zoo.training.errors import ConfigError
+from zoo.training.mesh import resolve_mesh_shape
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 PARAM_DTYPES = ("float32", "bfloat16")
 _FREE_FORM = ("model.overrides",)
-
-
-class ConfigError(ValueError):
-    """A config value the platform cannot run with; the message is one line, naming the field."""
 
 
 def _fail(path: str, value: Any, allowed: str) -> None:
@@ -95,7 +100,6 @@ def _check_values(c) -> None:
     if "attn_impl" in c.model.overrides:
         raise ConfigError("config.model.overrides.attn_impl is set by the loop; use "
                           "config.model.attn_impl")
-    from kernels_pallas.api import IMPLS
     if c.model.attn_impl not in IMPLS:
         _fail("model.attn_impl", c.model.attn_impl, f"one of {IMPLS}")
     if not c.model.name:
@@ -121,14 +125,11 @@ def _check_mesh(c, num_devices: int) -> tuple[int, ...]:
     if -1 not in shape and known != num_devices:
         _fail("mesh_shape", shape, f"a shape whose product equals the {num_devices} available "
                                    f"devices (or use one -1)")
-    from zoo.training.mesh import resolve_mesh_shape
     resolved = resolve_mesh_shape(shape, num_devices)
     data_axes = tuple(c.data_axes)
     unknown = [a for a in data_axes if a not in axes]
     if not data_axes or unknown:
         _fail("data_axes", data_axes, f"a non-empty tuple of mesh axes from {axes}")
-    from kernels_pallas.sharding import ACTIVATION_AXES
-    from zoo.axes import LOGICAL_AXES
     names = sorted(LOGICAL_AXES) + sorted(ACTIVATION_AXES)
     for rule in c.logical_axis_rules:
         if (not isinstance(rule, (tuple, list)) or len(rule) != 2
@@ -174,9 +175,6 @@ def model_kwargs(config) -> dict[str, Any]:
 
 
 def _check_model(c) -> None:
-    import zoo
-    from flax import nnx
-
     if c.model.name not in zoo.list_models():
         _fail("model.name", c.model.name, f"one of {zoo.list_models()}")
     kwargs = model_kwargs(c)
@@ -195,6 +193,7 @@ def validate_config(config, *, num_devices: int, num_processes: int = 1,
     `training=False` (eval.py) skips the train-batch divisibility checks, which concern the
     mesh the run was trained on, not the devices evaluating it.
     """
+    # The schema lives with the config files (repo root), which the installed package lacks.
     from configs import common
 
     check_schema(config, common.base_config())
@@ -202,14 +201,13 @@ def validate_config(config, *, num_devices: int, num_processes: int = 1,
     mesh_shape = _check_mesh(config, num_devices)
     _check_batch(config, mesh_shape, num_processes, training=training)
 
-    from zoo.training import tasks
-    tasks.get_task(config).check_config(config)
+    task = tasks.get_task(config)
+    task.check_config(config)
     _check_model(config)
 
-    from zoo.training import data, optim
     try:
         optim.validate_optimizer_config(config)
-        data.validate_data_config(config, process_count=num_processes)
+        pipeline.validate_data_config(config, task, process_count=num_processes)
     except ConfigError:
         raise
     except ValueError as e:

@@ -14,15 +14,18 @@ import os
 
 import jax
 from absl import logging
+from jax.sharding import SingleDeviceSharding
+
+from zoo.training import checkpoint as ckpt_lib
+from zoo.training import config as config_lib
+from zoo.training import mesh as mesh_lib
+from zoo.training import pipeline
+from zoo.training import state as state_lib
+from zoo.training import step as step_lib
+from zoo.training import tasks
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
-    from zoo.training import checkpoint as ckpt_lib
-    from zoo.training import config as config_lib
-    from zoo.training import data as data_lib
-    from zoo.training import mesh as mesh_lib
-    from zoo.training import state as state_lib, step as step_lib, tasks
-
     # --- devices: a mesh of the local devices over the first data axis --------------------
     num_devices = math.gcd(jax.local_device_count(), config.eval.batch_size)
     axes = tuple(config.mesh_axes)
@@ -47,7 +50,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
                                         model_shardings=model_shardings,
                                         data_sharding=data_sharding,
                                         rules=mesh_lib.activation_rules(config))
-    batches = data_lib.make_eval_iterator(config, mesh, data_sharding)
+    batches = pipeline.make_eval_iterator(config, task, mesh, data_sharding)
     metrics = step_lib.run_eval(eval_step, model_state, batches, task)
     result = {"step": int(step), **metrics}
     with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
@@ -58,11 +61,6 @@ def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
 def load_model(config, workdir: str, step: int | None):
     """(step, model) with the checkpoint's variables on the first local device (for sampling
     and rendering CLIs; `evaluate_checkpoint` restores onto a mesh instead)."""
-    from jax.sharding import SingleDeviceSharding
-
-    from zoo.training import checkpoint as ckpt_lib
-    from zoo.training import state as state_lib
-
     skeleton = state_lib.ModelSkeleton(config)
     device = SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),

@@ -15,6 +15,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
+from flax import nnx, traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from kernels_pallas import sharding
@@ -124,8 +125,6 @@ def param_shardings(abstract_state, mesh: Mesh, rules) -> dict:
     Variables without logical names (e.g. batch statistics created without partitioning
     metadata) are replicated.
     """
-    from flax import nnx, traverse_util
-
     flat = {}
     for path, variable in nnx.to_flat_state(abstract_state):
         metadata = variable.get_metadata()
@@ -147,8 +146,6 @@ def shardings_following_params(tree, params_shardings: Mapping, params_shapes: M
     """Shardings for an optimizer-state tree: a leaf whose key path ends with a parameter's path
     and has that parameter's shape gets the parameter's sharding (Adam moments, momentum); any
     other leaf (step counts, scalars) is replicated."""
-    from flax import traverse_util
-
     flat_shardings = traverse_util.flatten_dict(dict(params_shardings))
     flat_shapes = traverse_util.flatten_dict(dict(params_shapes))
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 OPTIMIZERS = ("adamw", "lamb", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -35,7 +36,6 @@ def _key_name(key) -> str:
 
 
 def _is_variable(node) -> bool:
-    from flax import nnx
     return isinstance(node, nnx.Variable)
 
 

@@ -6,8 +6,10 @@ once, so step counts, the learning-rate schedule and the logged metrics mean the
 every k. Gradients are taken with respect to trainable parameters only; other model state (e.g.
 BatchNorm statistics) is threaded through the micro-batches and returned.
 
-Randomness (dropout, drop-path) comes from `fold_in(seed key, step)` passed to the model at call
-time, so nothing random lives in the state and a resumed run draws the same numbers.
+Randomness comes from `fold_in(seed key, step)` passed at call time as two rng streams:
+"dropout" for the model's stochastic layers (dropout, drop-path) and "sample" for what the task
+draws (diffusion noise, MAE masks). Nothing random lives in the state, and a resumed run draws
+the same numbers.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ from zoo.training.tasks import Task
 
 # Separates the dropout stream from the parameter-init stream of the same seed.
 _DROPOUT_STREAM = 1
+# Within a step: the "sample" stream (what a task draws: diffusion times and noise, MAE masks,
+# ray jitter) apart from the "dropout" stream the model's stochastic layers draw.
+_SAMPLE_STREAM = 1
 
 
 def _split_microbatches(batch: dict, k: int, mesh: Mesh, data_axes) -> dict:
@@ -54,8 +59,8 @@ def make_train_step(*, config, skeleton: ModelSkeleton, task: Task,
     def micro_step(params, rest, batch, key):
         def loss_fn(p):
             model = skeleton.build(skeleton.join(p, rest))
-            loss, metrics = task.loss_and_metrics(model, batch, nnx.Rngs(dropout=key),
-                                                  train=True)
+            rngs = nnx.Rngs(dropout=key, sample=jax.random.fold_in(key, _SAMPLE_STREAM))
+            loss, metrics = task.loss_and_metrics(model, batch, rngs, train=True)
             _, new_rest = skeleton.split(skeleton.state_of(model))
             return loss, (metrics, new_rest)
 

@@ -1,10 +1,15 @@
 """Tasks: what a model is trained to do, separate from the loop that trains it.
 
-A task owns the loss, the training metrics, the evaluation metrics (exact over a padded eval set
-through the batch "mask") and the shapes of the model inputs. The loop only calls the methods of
-`Task`, so language modelling, novel-view synthesis or diffusion plug in as another
-`@register_task` class, in this file or in a module listed in `_TASK_MODULES`, without touching
-train.py.
+A task owns both halves of what differs between projects:
+  * the learning half: loss, training metrics, evaluation metrics (exact over a padded eval set
+    through the batch "mask") and the shapes of the model inputs;
+  * the data half: which `config.data.source` values it reads, how it opens a split
+    (random access to raw examples), how an example becomes arrays (a picklable preparer that
+    grain may run in worker processes), and the per-example shapes of a batch.
+The loop (zoo/training/trainer.py) and the input pipeline (zoo/training/pipeline.py) call only
+the methods of `Task`. A new task is a `@register_task` class in a module listed in
+`_TASK_MODULES`: classification lives in the platform (zoo/training/classification.py), every
+other task in zoo/tasks/<task>.py with its data beside it.
 
 Eval metrics are computed as per-batch sums (weighted by the mask) and divided once at the end,
 so the result does not depend on the batch size or on padding.
@@ -12,19 +17,26 @@ so the result does not depend on the batch size or on padding.
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from zoo.training.config import ConfigError
+from zoo.training.errors import ConfigError
 
 _TASKS: dict[str, type["Task"]] = {}
 
-# Modules that register further tasks (imported on first lookup, as the model registry does).
-_TASK_MODULES: tuple[str, ...] = ("zoo.training.lm", "zoo.training.diffusion_task",
-                                   "zoo.training.multiview", "zoo.training.mae_task")
+# Modules that register tasks, imported on first lookup (as the model registry imports the
+# model files): importing zoo.training does not import every project.
+_TASK_MODULES: tuple[str, ...] = (
+        "zoo.training.classification",
+        "zoo.tasks.language_modeling",
+        "zoo.tasks.image_diffusion",
+        "zoo.tasks.masked_image_modeling",
+        "zoo.tasks.novel_view_synthesis",
+)
 
 
 def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
@@ -42,7 +54,6 @@ def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
 
 @functools.lru_cache(maxsize=None)
 def _import_task_modules() -> None:
-    import importlib
     for module in _TASK_MODULES:
         importlib.import_module(module)
 
@@ -52,26 +63,36 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+def task_class(name: str) -> type["Task"]:
+    """The registered class of task `name`."""
+    _import_task_modules()
+    if name not in _TASKS:
+        raise ConfigError(f"config.task={name!r} is not a registered task; allowed: "
+                          f"{sorted(_TASKS)}")
+    return _TASKS[name]
+
+
 def get_task(config) -> "Task":
     """The task named by `config.task`, configured from `config`."""
-    _import_task_modules()
-    if config.task not in _TASKS:
-        raise ConfigError(f"config.task={config.task!r} is not a registered task; allowed: "
-                          f"{sorted(_TASKS)}")
-    return _TASKS[config.task](config)
+    return task_class(config.task)(config)
 
 
 class Task:
-    """Interface between the loop and what is being learned.
+    """Interface between the loop, the input pipeline and what is being learned.
 
     Batches are dicts of arrays; `model` follows the zoo calling convention
-    `model(x, *, train, rngs)`. Methods that take a model run inside `jax.jit`.
+    `model(x, *, train, rngs)`. Methods that take a model run inside `jax.jit`; the data methods
+    run on the host, in the main process or in grain workers.
     """
 
     name: str = ""
+    # The config.data.source values this task's data half reads.
+    sources: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config
+
+    # --- the learning half -------------------------------------------------------------------
 
     def check_config(self, config) -> None:
         """Raises ConfigError for settings this task cannot train with."""
@@ -95,75 +116,22 @@ class Task:
         """Metrics from the sums accumulated over the whole eval set."""
         raise NotImplementedError
 
+    # --- the data half -----------------------------------------------------------------------
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                   label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example cross-entropy in float32 (bf16 log-softmax destabilises training)."""
-    logits = logits.astype(jnp.float32)
-    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    if label_smoothing:
-        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+    def check_data(self, config) -> None:
+        """Raises ValueError (naming the config field) for data settings this task cannot
+        read; the pipeline has checked `config.data.source` against `sources` already."""
 
+    def open_split(self, config, split: str) -> Any:
+        """Random-access source (len + getitem) of the raw examples of `split`."""
+        raise NotImplementedError
 
-@register_task("classification")
-class ClassificationTask(Task):
-    """Image classification: {"image": f32 [B,S,S,3], "label": int32 [B]} -> logits [B,C].
+    def make_preparer(self, config) -> Callable[[Mapping[str, Any], Any],
+                                                 dict[str, np.ndarray]]:
+        """A picklable callable (raw example, numpy Generator or None at eval) -> dict of
+        numpy arrays, one per batch key, with the shapes of `example_spec`."""
+        raise NotImplementedError
 
-    Training loss is label-smoothed cross-entropy (config.label_smoothing); eval reports the
-    plain cross-entropy, top-1 and top-5 accuracy.
-    """
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.num_classes = int(config.data.num_classes)
-        self.image_size = int(config.data.image_size)
-        self.label_smoothing = float(config.label_smoothing)
-        self.top_k = min(5, self.num_classes)
-
-    def check_config(self, config) -> None:
-        overrides = config.model.overrides
-        if "num_classes" in overrides and overrides.num_classes != config.data.num_classes:
-            raise ConfigError(
-                f"config.model.overrides.num_classes={overrides.num_classes!r} must equal "
-                f"config.data.num_classes={config.data.num_classes!r} for classification")
-        if "image_size" in overrides and overrides.image_size != config.data.image_size:
-            raise ConfigError(
-                f"config.model.overrides.image_size={overrides.image_size!r} must equal "
-                f"config.data.image_size={config.data.image_size!r} (the images the data "
-                f"pipeline produces)")
-        if not 0.0 <= config.label_smoothing < 1.0:
-            raise ConfigError(f"config.label_smoothing={config.label_smoothing!r} must be in "
-                              f"[0, 1)")
-
-    def input_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        side = self.image_size
-        return {"image": jax.ShapeDtypeStruct((batch_size, side, side, 3), jnp.float32)}
-
-    def loss_and_metrics(self, model, batch, rngs, train):
-        logits = model(batch["image"], train=train, rngs=rngs)
-        labels = batch["label"]
-        loss = jnp.mean(_cross_entropy(logits, labels, self.num_classes, self.label_smoothing))
-        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
-        return loss, {"accuracy": accuracy}
-
-    def eval_sums(self, model, batch):
-        logits = model(batch["image"], train=False).astype(jnp.float32)
-        labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
-        _, top = jax.lax.top_k(logits, self.top_k)
-        in_top_k = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-        correct = (top[:, 0] == labels).astype(jnp.float32)
-        return {
-                "count": jnp.sum(mask),
-                "loss": jnp.sum(mask * _cross_entropy(logits, labels, self.num_classes)),
-                "top1": jnp.sum(mask * correct),
-                f"top{self.top_k}": jnp.sum(mask * in_top_k),
-        }
-
-    def finalize_eval(self, sums: Mapping[str, float]) -> dict[str, Any]:
-        count = sums["count"]
-        if count <= 0:
-            raise ValueError("the eval split produced no examples (sum of masks is 0)")
-        metrics: dict[str, Any] = {k: v / count for k, v in sums.items() if k != "count"}
-        metrics["count"] = int(round(count))
-        return metrics
+    def example_spec(self, config) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Batch key -> (per-example shape, numpy dtype)."""
+        raise NotImplementedError

@@ -35,8 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from zoo.training import data as data_lib
-from zoo.training.config import ConfigError
+from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
 
 TASK = "language_modeling"
@@ -183,12 +182,6 @@ class _PrepareTokens:
         return {"tokens": np.asarray(raw["tokens"], np.int32)}
 
 
-data_lib.register_data_task(TASK, data_lib.DataTask(
-        sources=SOURCES, check_config=_check_data, open_split=open_split,
-        make_preparer=lambda config: _PrepareTokens(),
-        example_spec=lambda config: {"tokens": ((int(config.data.seq_len) + 1,), np.int32)}))
-
-
 # ================================================================================================
 # The task
 # ================================================================================================
@@ -204,6 +197,20 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 @register_task(TASK)
 class LanguageModelingTask(Task):
     """Next-token prediction on {"tokens": int32 [B, seq_len + 1]} (see the module docstring)."""
+
+    sources = SOURCES
+
+    def check_data(self, config) -> None:
+        _check_data(config)
+
+    def open_split(self, config, split: str) -> TokenWindows:
+        return open_split(config, split)
+
+    def make_preparer(self, config) -> _PrepareTokens:
+        return _PrepareTokens()
+
+    def example_spec(self, config) -> dict[str, tuple[tuple[int, ...], Any]]:
+        return {"tokens": ((int(config.data.seq_len) + 1,), np.int32)}
 
     def __init__(self, config):
         super().__init__(config)

@@ -4,8 +4,10 @@ Data: the classification pipeline's images (generated, image folders, ArrayRecor
 same `config.data` fields), un-normalised back to pixels and scaled to [-1, 1]. Labels are
 used only by class-conditional denoisers (model `cond_dim` = data.num_classes: one-hot).
 
-Training loss: eps-prediction MSE with latent self-conditioning (zoo.diffusion.denoising_loss,
-config.diffusion_* fields below come from the model overrides' neighbours in `config.model`).
+Training loss: eps-prediction MSE with latent self-conditioning (zoo.diffusion.denoising_loss)
+under pix2seq's cosine schedule (`SCHEDULE`), self-conditioning with probability
+`SELF_COND_RATE`; t, the noise and the self-conditioning coin come from the step's "sample"
+rng stream.
 Eval: the same loss at fixed, evenly spaced times and fixed noise (deterministic, so eval
 numbers are comparable across steps and runs), overall and for the low-noise (t < 0.5) and
 high-noise halves.
@@ -19,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo import diffusion
-from zoo.training import data as data_lib
-from zoo.training.config import ConfigError
+from zoo.training import image_ops
+from zoo.training.classification import ImageData
+from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
 
 TASK = "image_diffusion"
@@ -28,8 +31,8 @@ SCHEDULE = "cosine"
 SELF_COND_RATE = 0.5
 # NumPy, not jnp: a jnp constant here would start the JAX backend at import time, before a
 # multi-host run's jax.distributed.initialize.
-_MEAN = (data_lib.IMAGENET_MEAN / 255.0).astype(np.float32)
-_STD = (data_lib.IMAGENET_STD / 255.0).astype(np.float32)
+_MEAN = (image_ops.IMAGENET_MEAN / 255.0).astype(np.float32)
+_STD = (image_ops.IMAGENET_STD / 255.0).astype(np.float32)
 
 
 def to_unit_range(normalised: jax.Array) -> jax.Array:
@@ -37,13 +40,8 @@ def to_unit_range(normalised: jax.Array) -> jax.Array:
     return jnp.clip(normalised * _STD + _MEAN, 0.0, 1.0) * 2.0 - 1.0
 
 
-def to_uint8(images: jax.Array) -> np.ndarray:
-    """[-1, 1] images -> uint8 pixels."""
-    return np.asarray(jnp.round((jnp.clip(images, -1, 1) + 1) * 127.5)).astype(np.uint8)
-
-
 @register_task(TASK)
-class ImageDiffusionTask(Task):
+class ImageDiffusionTask(ImageData, Task):
     """{"image", "label"} batches -> eps-prediction loss of a denoiser (module docstring)."""
 
     def __init__(self, config):
@@ -74,8 +72,8 @@ class ImageDiffusionTask(Task):
         return jax.nn.one_hot(batch["label"], self.num_classes, dtype=jnp.float32)
 
     def loss_and_metrics(self, model, batch, rngs, train):
-        # t, noise and the self-conditioning coin: a key from the step's rng stream.
-        key = rngs.dropout() if rngs is not None else jax.random.key(0)
+        # t, noise and the self-conditioning coin: a key from the step's "sample" stream.
+        key = rngs.sample() if rngs is not None else jax.random.key(0)
         loss, _ = diffusion.denoising_loss(model, to_unit_range(batch["image"]), key,
                                            cond=self._cond(batch), schedule=SCHEDULE,
                                            self_cond_rate=SELF_COND_RATE if train else 0.0,
@@ -105,6 +103,3 @@ class ImageDiffusionTask(Task):
                 "loss_t_above_0.5": sums["high_noise_loss"] / max(high, 1),
                 "count": int(round(sums["count"]))}
 
-
-# The images come from the classification pipeline unchanged.
-data_lib.register_data_task(TASK, data_lib._DATA_TASKS["classification"])

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.training import data as data_lib
-from zoo.training.config import ConfigError
+from zoo.training import image_ops
+from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
 
 TASK = "novel_view_synthesis"
@@ -267,8 +267,7 @@ class PrepareViews:
             ray_o.append(origins[pick])
             ray_d.append(dirs[pick])
             colours.append(pixels[pick])
-        source = images[chosen[0]].astype(np.float32)
-        normalised = (source - data_lib.IMAGENET_MEAN) / data_lib.IMAGENET_STD
+        normalised = image_ops.normalise(images[chosen[0]])
         f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
         return {"image": f32(normalised), "camera_params": f32([distance, raw["fy"] / h]),
                 "rays_o": f32(np.concatenate(ray_o)), "rays_d": f32(np.concatenate(ray_d)),
@@ -284,12 +283,6 @@ def _example_spec(config):
             "rgb": ((n, 3), np.float32), "view_rays_o": ((h * w, 3), np.float32),
             "view_rays_d": ((h * w, 3), np.float32), "view_rgb": ((h, w, 3), np.float32)}
 
-
-data_lib.register_data_task(TASK, data_lib.DataTask(
-        sources=SOURCES, check_config=_check_data, open_split=open_split,
-        make_preparer=lambda c: PrepareViews(*_image_shape(c), int(c.data.target_views),
-                                             int(c.data.rays_per_view)),
-        example_spec=_example_spec))
 
 
 # ================================================================================================
@@ -330,6 +323,21 @@ def ssim(a: jax.Array, b: jax.Array, window: int = 11, sigma: float = 1.5) -> ja
 class NovelViewSynthesisTask(Task):
     """Photometric + distortion loss; eval PSNR/SSIM of a whole held-out view (docstring)."""
 
+    sources = SOURCES
+
+    def check_data(self, config) -> None:
+        _check_data(config)
+
+    def open_split(self, config, split: str) -> SceneSource:
+        return open_split(config, split)
+
+    def make_preparer(self, config) -> PrepareViews:
+        return PrepareViews(*_image_shape(config), int(config.data.target_views),
+                            int(config.data.rays_per_view))
+
+    def example_spec(self, config) -> dict[str, tuple[tuple[int, ...], Any]]:
+        return _example_spec(config)
+
     def __init__(self, config):
         super().__init__(config)
         self.height, self.width = _image_shape(config)
@@ -350,7 +358,7 @@ class NovelViewSynthesisTask(Task):
                 "rays_d": jax.ShapeDtypeStruct((batch_size, self.rays, 3), f32)}
 
     def loss_and_metrics(self, model, batch, rngs, train):
-        key = rngs.dropout() if (rngs is not None and train) else None
+        key = rngs.sample() if (rngs is not None and train) else None
         out = model(batch["image"], batch["camera_params"], batch["rays_o"], batch["rays_d"],
                     rng=key, train=train, rngs=rngs)
         mse = jnp.mean(jnp.square(out["rgb"].astype(jnp.float32) - batch["rgb"]))

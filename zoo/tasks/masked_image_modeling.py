@@ -3,7 +3,7 @@ fine-tunes its encoder on the multi-view images before training the whole model.
 
 Data: the classification pipeline's images (any classification source; ImageNet-normalised
 pixels are the reconstruction targets, as in the reference's MAE stage). Loss: the model's
-`loss(images, rng)` (MSE over the masked patches; the mask is drawn from the step's rng
+`loss(images, rng)` (MSE over the masked patches; the mask is drawn from the step's "sample" rng
 stream). Eval: the same loss with a fixed mask per batch (deterministic across evals).
 """
 from __future__ import annotations
@@ -13,15 +13,15 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from zoo.training import data as data_lib
-from zoo.training.config import ConfigError
+from zoo.training.classification import ImageData
+from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
 
 TASK = "masked_image_modeling"
 
 
 @register_task(TASK)
-class MaskedImageModelingTask(Task):
+class MaskedImageModelingTask(ImageData, Task):
     """{"image", "label"} batches -> the MAE reconstruction loss (labels unused)."""
 
     def __init__(self, config):
@@ -44,7 +44,7 @@ class MaskedImageModelingTask(Task):
                                                jnp.float32)}
 
     def loss_and_metrics(self, model, batch, rngs, train):
-        key = rngs.dropout() if rngs is not None else jax.random.key(0)
+        key = rngs.sample() if rngs is not None else jax.random.key(0)
         return model.loss(batch["image"], key, train=train, rngs=rngs), {}
 
     def eval_sums(self, model, batch):
@@ -60,5 +60,3 @@ class MaskedImageModelingTask(Task):
             raise ValueError("the eval split produced no examples (sum of masks is 0)")
         return {"loss": sums["loss"] / sums["count"], "count": int(round(sums["count"]))}
 
-
-data_lib.register_data_task(TASK, data_lib._DATA_TASKS["classification"])

@@ -1,0 +1,177 @@
+"""Image classification: the platform's own task, and the image data half other image tasks
+reuse (diffusion and masked-image modelling train on the same sources).
+
+Batch: {"image": float32 [B, S, S, 3] ImageNet-normalised, "label": int32 [B]}; model(image)
+-> logits [B, num_classes]. The sources are zoo/training/sources.py's (generated, image
+folders, ArrayRecord, TFDS); preparation decodes, crops, flips and normalises
+(`ClassificationExample`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.training import image_ops
+from zoo.training import sources as image_sources
+from zoo.training.errors import ConfigError
+from zoo.training.tasks import Task, register_task
+
+AUGMENTS = ("none", "flip", "crop_flip")
+# Eval (and un-cropped train) images: the centre square covering this fraction of the shorter
+# side, resized to image_size (the usual "resize to S/0.875, centre-crop S").
+CENTER_CROP_FRACTION = 0.875
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationExample:
+    """raw {"image", "label"} -> {"image": float32 [S, S, 3] normalised, "label": int32}.
+
+    Train (an RNG given): "crop_flip" takes a random-resized crop, "flip" and "crop_flip" mirror
+    half the images. Otherwise the centre square covering `center_fraction` of the shorter side
+    is resized to S (identity for generated images, which are already S x S).
+    Picklable: it is shipped to grain's worker processes.
+    """
+    image_size: int
+    num_classes: int
+    augment: str
+    center_fraction: float
+
+    def __call__(self, raw: Mapping[str, Any], rng: np.random.Generator | None
+                 ) -> dict[str, np.ndarray]:
+        from PIL import Image  # in grain's workers; importing zoo needs no PIL
+
+        origin = str(raw.get("origin", "example"))
+        label = int(raw["label"])
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"{origin}: label {label} is outside [0, config.data.num_classes="
+                             f"{self.num_classes})")
+        side = self.image_size
+        array, image = None, None
+        if isinstance(raw["image"], np.ndarray):
+            array = image_ops.rgb_uint8(raw["image"], origin)
+            height, width = array.shape[:2]
+        else:
+            image = image_ops.decode_image(raw["image"], origin)
+            width, height = image.size
+        if rng is not None and self.augment == "crop_flip":
+            box = image_ops.random_resized_box(height, width, rng)
+        else:
+            box = image_ops.center_box(height, width, self.center_fraction)
+        if box == (0, 0, side, side) and (height, width) == (side, side):
+            pixels = array if array is not None else np.asarray(image)
+        else:
+            image = image if image is not None else Image.fromarray(array)
+            pixels = np.asarray(image.resize((side, side), Image.BILINEAR, box=box))
+        if rng is not None and self.augment in ("flip", "crop_flip") and rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        normalised = image_ops.normalise(pixels)
+        return {"image": normalised, "label": np.int32(label)}
+
+
+class ImageData:
+    """The data half of image tasks: classification sources and `ClassificationExample`."""
+
+    sources = image_sources.SOURCES
+
+    def check_data(self, config) -> None:
+        d = config.data
+        if d.augment not in AUGMENTS:
+            raise ValueError(f"config.data.augment={d.augment!r} is invalid; allowed: "
+                             f"{AUGMENTS}")
+        if d.image_size < 1:
+            raise ValueError(f"config.data.image_size={d.image_size!r} is invalid; allowed: "
+                             f"an integer >= 1")
+        if d.num_classes < 1:
+            raise ValueError(f"config.data.num_classes={d.num_classes!r} is invalid; allowed: "
+                             f"an integer >= 1")
+
+    def open_split(self, config, split: str):
+        return image_sources.open_source(config, split)
+
+    def make_preparer(self, config) -> ClassificationExample:
+        generated = config.data.source == "generated"
+        return ClassificationExample(image_size=int(config.data.image_size),
+                                     num_classes=int(config.data.num_classes),
+                                     augment=str(config.data.augment),
+                                     center_fraction=1.0 if generated else CENTER_CROP_FRACTION)
+
+    def example_spec(self, config) -> dict[str, tuple[tuple[int, ...], Any]]:
+        side = int(config.data.image_size)
+        return {"image": ((side, side, 3), np.float32), "label": ((), np.int32)}
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                   label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy in float32 (bf16 log-softmax destabilises training)."""
+    logits = logits.astype(jnp.float32)
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+@register_task("classification")
+class ClassificationTask(ImageData, Task):
+    """Image classification: {"image": f32 [B,S,S,3], "label": int32 [B]} -> logits [B,C].
+
+    Training loss is label-smoothed cross-entropy (config.label_smoothing); eval reports the
+    plain cross-entropy, top-1 and top-5 accuracy.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_classes = int(config.data.num_classes)
+        self.image_size = int(config.data.image_size)
+        self.label_smoothing = float(config.label_smoothing)
+        self.top_k = min(5, self.num_classes)
+
+    def check_config(self, config) -> None:
+        overrides = config.model.overrides
+        if "num_classes" in overrides and overrides.num_classes != config.data.num_classes:
+            raise ConfigError(
+                f"config.model.overrides.num_classes={overrides.num_classes!r} must equal "
+                f"config.data.num_classes={config.data.num_classes!r} for classification")
+        if "image_size" in overrides and overrides.image_size != config.data.image_size:
+            raise ConfigError(
+                f"config.model.overrides.image_size={overrides.image_size!r} must equal "
+                f"config.data.image_size={config.data.image_size!r} (the images the data "
+                f"pipeline produces)")
+        if not 0.0 <= config.label_smoothing < 1.0:
+            raise ConfigError(f"config.label_smoothing={config.label_smoothing!r} must be in "
+                              f"[0, 1)")
+
+    def input_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        side = self.image_size
+        return {"image": jax.ShapeDtypeStruct((batch_size, side, side, 3), jnp.float32)}
+
+    def loss_and_metrics(self, model, batch, rngs, train):
+        logits = model(batch["image"], train=train, rngs=rngs)
+        labels = batch["label"]
+        loss = jnp.mean(_cross_entropy(logits, labels, self.num_classes, self.label_smoothing))
+        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+        return loss, {"accuracy": accuracy}
+
+    def eval_sums(self, model, batch):
+        logits = model(batch["image"], train=False).astype(jnp.float32)
+        labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+        _, top = jax.lax.top_k(logits, self.top_k)
+        in_top_k = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+        correct = (top[:, 0] == labels).astype(jnp.float32)
+        return {
+                "count": jnp.sum(mask),
+                "loss": jnp.sum(mask * _cross_entropy(logits, labels, self.num_classes)),
+                "top1": jnp.sum(mask * correct),
+                f"top{self.top_k}": jnp.sum(mask * in_top_k),
+        }
+
+    def finalize_eval(self, sums: Mapping[str, float]) -> dict[str, Any]:
+        count = sums["count"]
+        if count <= 0:
+            raise ValueError("the eval split produced no examples (sum of masks is 0)")
+        metrics: dict[str, Any] = {k: v / count for k, v in sums.items() if k != "count"}
+        metrics["count"] = int(round(count))
+        return metrics
