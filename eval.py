@@ -13,35 +13,18 @@ largest that divides config.eval.batch_size. Single-process only.
 from __future__ import annotations
 
 import json
-import sys
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-from zoo.training import reporting
+from zoo.training import cli
 from zoo.training.evaluate import evaluate_checkpoint
 
-_CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Config file and variant the run was trained with.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+_RUN = cli.define_run_flags(lock_config=False, step=True)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
-    jax.config.update("jax_threefry_partitionable", True)
-    reporting.quiet_library_logs()
-    try:
-        result = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
-    except (ValueError, FileNotFoundError) as error:  # ConfigError, bad --step, no ckpt
-        print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    print(json.dumps(result), flush=True)
+def _evaluate(config, workdir: str, step: int | None) -> None:
+    print(json.dumps(evaluate_checkpoint(config, workdir, step)), flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.main(_RUN, _evaluate))

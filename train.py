@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import sys
 
-import jax
 from absl import app, flags
-from ml_collections import config_flags
 
+from zoo.training import cli, trainer
 from zoo.training import mesh as mesh_lib
-from zoo.training import reporting, trainer
 from zoo.training.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Config file and variant, e.g. configs/vit.py:smoke.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs).")
+_RUN = cli.define_run_flags(lock_config=True, step=False)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
@@ -37,20 +33,15 @@ _PROFILE_STEPS = flags.DEFINE_string(
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
-    # The same numbers on any mesh: random bits must not depend on how arrays are sharded.
-    jax.config.update("jax_threefry_partitionable", True)
-    reporting.quiet_library_logs()
+    cli.start(argv, _RUN)
     mesh_lib.initialize_distributed(coordinator_address=_COORDINATOR.value,
                                     num_processes=_NUM_PROCESSES.value,
                                     process_id=_PROCESS_ID.value)
+    config = _RUN.config.value
     try:
         profile = trainer.parse_profile_steps(_PROFILE_STEPS.value,
-                                              _CONFIG.value.logging.profile_steps)
-        trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, profile_steps=profile)
+                                              config.logging.profile_steps)
+        trainer.train_and_evaluate(config, _RUN.workdir.value, profile_steps=profile)
     except ConfigError as error:
         print(f"ConfigError: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

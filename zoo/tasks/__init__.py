@@ -1,5 +1,6 @@
 """The projects: one module per task beyond classification, each with its data beside it.
 
-A module here registers its task with `zoo.training.tasks.register_task` and is listed in
-`zoo.training.tasks._TASK_MODULES`; the platform (zoo/training/) names no project.
+A module here registers its task with `zoo.training.tasks.register_task`; the task registry
+imports every module of this package on its first lookup, so the platform (zoo/training/)
+names no project.
 """

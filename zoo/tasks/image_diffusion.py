@@ -14,11 +14,13 @@ high-noise halves.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from zoo import diffusion
 from zoo.training import image_ops
@@ -65,6 +67,39 @@ class ImageDiffusionTask(ImageData, Task):
         side = self.image_size
         return {"images": jax.ShapeDtypeStruct((batch_size, side, side, 3), jnp.float32),
                 "t": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+
+    # --- samples: a PNG grid from pure noise (sample.py) ------------------------------------
+
+    sample_options = ("num_samples", "steps", "sampler", "seed")
+
+    def check_sample_options(self, *, num_samples: int = 1, steps: int = 100,
+                             sampler: str = "ddim", **_) -> None:
+        if num_samples < 1:
+            raise ValueError(f"--num_samples={num_samples} must be >= 1")
+        if steps < 1:
+            raise ValueError(f"--steps={steps} must be >= 1")
+        if sampler not in diffusion.SAMPLERS:
+            raise ValueError(f"--sampler={sampler!r} is invalid; allowed: {diffusion.SAMPLERS}")
+
+    def write_samples(self, model, workdir: str, step: int, *, num_samples: int = 1,
+                      steps: int = 100, sampler: str = "ddim", seed: int = 0) -> dict[str, Any]:
+        """`num_samples` images from pure noise (`zoo.diffusion.sample`), 4 per row, in
+        <workdir>/samples_<step>.png; class-conditional models cycle through the labels."""
+        self.check_sample_options(num_samples=num_samples, steps=steps, sampler=sampler)
+        cond = None
+        if getattr(model, "cond_dim", 0):
+            labels = np.arange(num_samples) % model.cond_dim
+            cond = jax.nn.one_hot(labels, model.cond_dim)
+        logging.info("sampling %d images from the model of step %d (%s, %d steps)",
+                     num_samples, step, sampler, steps)
+        images = diffusion.sample(model, jax.random.key(seed), num_samples, steps=steps,
+                                  sampler=sampler, cond=cond)
+        pixels = image_ops.signed_to_uint8(images)
+        per_row = 4
+        path = os.path.join(workdir, f"samples_{step}.png")
+        image_ops.save_png(image_ops.image_grid(
+                [list(pixels[i:i + per_row]) for i in range(0, len(pixels), per_row)]), path)
+        return {"step": step, "path": path}
 
     def _cond(self, batch):
         if not self.conditional:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from zoo import generate as generate_lib
 from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
 
@@ -232,6 +233,65 @@ class LanguageModelingTask(Task):
 
     def input_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {"tokens": jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.int32)}
+
+    # --- samples: text from a prompt (sample.py) --------------------------------------------
+
+    sample_options = ("prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k",
+                      "greedy", "num_samples", "seed")
+
+    def prompt_tokens(self, text: str, ids: str | None) -> np.ndarray:
+        """The prompt as int32 ids: parsed `ids`, else the UTF-8 bytes of `text` (byte-level
+        vocabulary only: no tokenizer ships with the zoo)."""
+        vocab = self.vocab_size
+        if ids is not None:
+            try:
+                tokens = np.asarray([int(t) for t in ids.split(",") if t.strip()], np.int32)
+            except ValueError as error:
+                raise ValueError(f"--prompt_ids={ids!r} must be comma-separated integers"
+                                 ) from error
+        elif vocab == BYTE_VOCAB:
+            tokens = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+        else:
+            raise ValueError(f"this model has a {vocab}-token vocabulary (config.data.vocab_size),"
+                             f" not bytes: pass the prompt as --prompt_ids")
+        if tokens.size == 0:
+            raise ValueError("the prompt is empty: give --prompt text or --prompt_ids")
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            raise ValueError(f"prompt ids must be in [0, {vocab}), got min {tokens.min()} max "
+                             f"{tokens.max()}")
+        return tokens
+
+    def decode(self, tokens: np.ndarray) -> str:
+        """Text for byte-level vocabularies, comma-separated ids otherwise."""
+        if self.vocab_size == BYTE_VOCAB:
+            return bytes(tokens.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+        return ",".join(str(int(t)) for t in tokens)
+
+    def check_sample_options(self, *, prompt: str = "\n", prompt_ids: str | None = None,
+                             num_samples: int = 1, **_) -> None:
+        if num_samples < 1:
+            raise ValueError(f"--num_samples={num_samples} must be >= 1")
+        self.prompt_tokens(prompt, prompt_ids)
+
+    def write_samples(self, model, workdir: str, step: int, *, prompt: str = "\n",
+                      prompt_ids: str | None = None, max_new_tokens: int = 200,
+                      temperature: float = 1.0, top_k: int = 0, greedy: bool = False,
+                      num_samples: int = 1, seed: int = 0) -> dict[str, Any]:
+        """Continues the prompt `num_samples` times with the model's KV cache
+        (`zoo.generate.generate`); writes <workdir>/samples_<step>.txt."""
+        self.check_sample_options(prompt=prompt, prompt_ids=prompt_ids,
+                                  num_samples=num_samples)
+        tokens = self.prompt_tokens(prompt, prompt_ids)
+        logging.info("sampling from the model of step %d", step)
+        prompts = np.repeat(tokens[None, :], num_samples, axis=0)
+        out = generate_lib.generate(model, jnp.asarray(prompts), max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_k=top_k or None,
+                                    greedy=greedy, rng=jax.random.key(seed))
+        texts = [self.decode(row) for row in np.asarray(out)]
+        path = os.path.join(workdir, f"samples_{step}.txt")
+        with open(path, "w") as f:
+            f.write("\n\n=====\n\n".join(texts) + "\n")
+        return {"step": step, "path": path, "texts": texts}
 
     def _logits(self, model, tokens, train, rngs):
         logits = model(tokens[:, :-1], train=train, rngs=rngs)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -227,6 +228,17 @@ def _check_data(config) -> None:
         raise ValueError(f"config.data.num_scenes={d.num_scenes} must be >= 1")
 
 
+def orbit_pose(theta: float, distance: float) -> np.ndarray:
+    """c2w (OpenCV) of the input camera rotated by theta about the y axis through the origin
+    (the input camera in NViST's frame sits at (0, 0, -distance) with identity rotation)."""
+    c, s = math.cos(theta), math.sin(theta)
+    rotation = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+    pose = np.eye(4)
+    pose[:3, :3] = rotation
+    pose[:3, 3] = rotation @ np.array([0.0, 0.0, -distance])
+    return pose
+
+
 def relative_poses(c2w_input: np.ndarray, c2ws: np.ndarray) -> tuple[np.ndarray, float]:
     """NViST's frame: input camera -> identity rotation at (0, 0, -d). Returns (poses, d)."""
     distance = float(np.linalg.norm(c2w_input[:3, 3]))
@@ -369,6 +381,70 @@ class NovelViewSynthesisTask(Task):
         out = model(batch["image"], batch["camera_params"], batch["view_rays_o"],
                     batch["view_rays_d"])
         return out["rgb"].reshape(-1, self.height, self.width, 3).astype(jnp.float32)
+
+    # --- samples: held-out views and an orbit (render.py) -----------------------------------
+
+    sample_options = ("num_examples", "orbit", "image", "distance", "focal")
+
+    def check_sample_options(self, *, num_examples: int = 4, orbit: int = 8, **_) -> None:
+        if num_examples < 1:
+            raise ValueError(f"--num_examples={num_examples} must be >= 1")
+        if orbit < 0:
+            raise ValueError(f"--orbit={orbit} must be >= 0 (0 = no orbit)")
+
+    def write_samples(self, model, workdir: str, step: int, *, num_examples: int = 4,
+                      orbit: int = 8, image: str | None = None, distance: float = 1.3,
+                      focal: float = 0.0) -> dict[str, Any]:
+        """views_<step>.png: input | target | rendered target for the first `num_examples`
+        held-out examples (with their PSNR and SSIM); orbit_<step>.png: `orbit` views on a
+        circle about the vertical axis through the input camera, from the first held-out
+        input or from the image file `image` (resized to the model's input; `distance` and
+        `focal`, in pixels of the resized image, give its camera; focal 0 = 1.2 * H)."""
+        self.check_sample_options(num_examples=num_examples, orbit=orbit)
+        config, h, w = self.config, self.height, self.width
+        source = self.open_split(config, config.data.eval_split)
+        prepare = self.make_preparer(config)
+        examples = [prepare(source[i], None) for i in range(min(num_examples, len(source)))]
+        batch = {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0]}
+        render = jax.jit(lambda m, img, cam, ro, rd: m(img, cam, ro, rd)["rgb"])
+        rendered = jnp.clip(jax.jit(self.render_view)(model, batch), 0, 1)
+        scores = {"psnr": [float(v) for v in psnr(jnp.mean(
+                          jnp.square(rendered - batch["view_rgb"]), axis=(1, 2, 3)))],
+                  "ssim": [float(v) for v in ssim(rendered, batch["view_rgb"])]}
+        to_uint8 = image_ops.unit_to_uint8
+        rows = [[to_uint8(image_ops.unnormalise(batch["image"][i])),
+                 to_uint8(batch["view_rgb"][i]), to_uint8(rendered[i])]
+                for i in range(len(examples))]
+        views_path = os.path.join(workdir, f"views_{step}.png")
+        image_ops.save_png(image_ops.image_grid(rows), views_path)
+        result = {"step": step, "views": views_path, **scores}
+        if orbit == 0:
+            return result
+        if image:
+            from PIL import Image  # only for a user's image file
+
+            pixels = np.asarray(Image.open(image).convert("RGB").resize((w, h)), np.float32)
+            normalised = image_ops.normalise(pixels)
+            focal = focal or FOCAL_PER_HEIGHT * h
+            camera = np.asarray([distance, focal / h], np.float32)
+            input_view = to_uint8(pixels / 255.0)
+        else:
+            normalised = np.asarray(batch["image"][0])
+            camera = np.asarray(batch["camera_params"][0])
+            distance = float(camera[0])
+            focal = float(camera[1]) * h
+            input_view = rows[0][0]
+        frames = []
+        for k in range(orbit):
+            origins, dirs = pixel_rays(orbit_pose(2 * math.pi * k / orbit, distance), focal, h, w)
+            frame = render(model, jnp.asarray(normalised)[None], jnp.asarray(camera)[None],
+                           jnp.asarray(origins, jnp.float32)[None],
+                           jnp.asarray(dirs, jnp.float32)[None])
+            frames.append(to_uint8(frame.reshape(h, w, 3)))
+        orbit_path = os.path.join(workdir, f"orbit_{step}.png")
+        image_ops.save_png(image_ops.image_grid([[input_view] + frames]), orbit_path)
+        result["orbit"] = orbit_path
+        return result
 
     def eval_sums(self, model, batch):
         rendered = jnp.clip(self.render_view(model, batch), 0.0, 1.0)

@@ -7,9 +7,9 @@ A task owns both halves of what differs between projects:
     (random access to raw examples), how an example becomes arrays (a picklable preparer that
     grain may run in worker processes), and the per-example shapes of a batch.
 The loop (zoo/training/trainer.py) and the input pipeline (zoo/training/pipeline.py) call only
-the methods of `Task`. A new task is a `@register_task` class in a module listed in
-`_TASK_MODULES`: classification lives in the platform (zoo/training/classification.py), every
-other task in zoo/tasks/<task>.py with its data beside it.
+the methods of `Task`. A new task is a `@register_task` class in a new module of zoo/tasks/
+(found there on the first lookup), with its data beside it; classification lives in the
+platform (zoo/training/classification.py).
 
 Eval metrics are computed as per-batch sums (weighted by the mask) and divided once at the end,
 so the result does not depend on the batch size or on padding.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import pkgutil
 from typing import Any, Callable, Mapping
 
 import jax
@@ -28,15 +29,10 @@ from zoo.training.errors import ConfigError
 
 _TASKS: dict[str, type["Task"]] = {}
 
-# Modules that register tasks, imported on first lookup (as the model registry imports the
-# model files): importing zoo.training does not import every project.
-_TASK_MODULES: tuple[str, ...] = (
-        "zoo.training.classification",
-        "zoo.tasks.language_modeling",
-        "zoo.tasks.image_diffusion",
-        "zoo.tasks.masked_image_modeling",
-        "zoo.tasks.novel_view_synthesis",
-)
+# The platform's own task module; every module of the zoo.tasks package registers one more.
+# They are imported on first lookup, so importing zoo.training imports no project.
+_PLATFORM_TASK_MODULES: tuple[str, ...] = ("zoo.training.classification",)
+_PROJECT_PACKAGE = "zoo.tasks"
 
 
 def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
@@ -54,8 +50,11 @@ def register_task(name: str) -> Callable[[type["Task"]], type["Task"]]:
 
 @functools.lru_cache(maxsize=None)
 def _import_task_modules() -> None:
-    for module in _TASK_MODULES:
-        importlib.import_module(module)
+    package = importlib.import_module(_PROJECT_PACKAGE)
+    projects = sorted(f"{_PROJECT_PACKAGE}.{m.name}"
+                      for m in pkgutil.iter_modules(package.__path__) if not m.ispkg)
+    for module in _PLATFORM_TASK_MODULES + tuple(projects):
+        importlib.import_module(module)  # a broken project fails here, loudly, by name
 
 
 def list_tasks() -> list[str]:
@@ -88,6 +87,8 @@ class Task:
     name: str = ""
     # The config.data.source values this task's data half reads.
     sources: tuple[str, ...] = ()
+    # The options `write_samples` takes (the sampling CLIs pass these flags); () = no samples.
+    sample_options: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config
@@ -115,6 +116,17 @@ class Task:
     def finalize_eval(self, sums: Mapping[str, float]) -> dict[str, float]:
         """Metrics from the sums accumulated over the whole eval set."""
         raise NotImplementedError
+
+    def check_sample_options(self, **options) -> None:
+        """Raises ValueError for sampling options `write_samples` cannot use (called before the
+        checkpoint is restored)."""
+
+    def write_samples(self, model: nnx.Module, workdir: str, step: int,
+                      **options) -> dict[str, Any]:
+        """Samples or renders from `model` into files in `workdir` whose names carry `step`;
+        returns a summary (paths, scores; text samples under "texts"). For the sampling
+        command lines, and for periodic evaluators during training."""
+        raise NotImplementedError(f"task {self.name!r} writes no samples")
 
     # --- the data half -----------------------------------------------------------------------
 
