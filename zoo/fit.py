@@ -69,10 +69,9 @@ from flax import nnx
 
 from zoo import axes, layers
 from zoo.axes import with_axes
-from zoo.registry import register_model
+from zoo.registry import register_variant
 
 NORM_EPS = 1e-6
-_GLOROT = nnx.initializers.xavier_uniform()
 _EMBED_INIT = nnx.initializers.truncated_normal(0.02)
 _MASKED = -1e30
 X_POS_ENCODINGS = ("learned", "sincos")
@@ -111,10 +110,10 @@ class FITLayer(nnx.Module):
                  dropout: float, attn_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype)
         self.norm1 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
-        self.attn = layers.Attention(dim, num_heads, attn_impl=attn_impl, kernel_init=_GLOROT,
+        self.attn = layers.Attention(dim, num_heads, attn_impl=attn_impl, kernel_init=layers.XAVIER_INIT,
                                      rngs=rngs, **common)
         self.norm2 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
-        self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), drop=dropout, kernel_init=_GLOROT,
+        self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), drop=dropout, kernel_init=layers.XAVIER_INIT,
                               rngs=rngs, **common)
         self.drop_path = layers.DropPath(drop_path)
 
@@ -139,7 +138,7 @@ class CrossAttention(nnx.Module):
         self.kv_norm = layers.LayerNorm(kv_dim, eps=NORM_EPS, **common)
         self.attn = layers.Attention(q_dim, num_heads, head_dim=key_width // num_heads,
                                      cross_attention=True, kv_dim=kv_dim, attn_impl=attn_impl,
-                                     kernel_init=_GLOROT, rngs=rngs, **common)
+                                     kernel_init=layers.XAVIER_INIT, rngs=rngs, **common)
 
     def __call__(self, q, kv, *, train: bool = False, rngs: nnx.Rngs | None = None):
         out = q + self.attn(self.q_norm(q), self.kv_norm(kv), train=train, rngs=rngs)
@@ -304,7 +303,7 @@ class _FITBase(nnx.Module):
         if self.x_pos_emb is not None:
             return layers.gathered(self.x_pos_emb[...].astype(self.dtype))
         # Fixed code, recomputed at trace time (a constant, not model state).
-        return layers.sincos_pos_embed_2d(*self.x_pos_grid, self.x_dim).astype(self.dtype)
+        return jnp.asarray(layers.sincos_2d(*self.x_pos_grid, self.x_dim), self.dtype)
 
     def _initial_latents(self, batch: int):
         latents = layers.gathered(self.latent_pos_emb[...].astype(self.dtype)).reshape(
@@ -349,12 +348,12 @@ class FITEncoder(_FITBase):
                 remat=remat, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype,
                 rngs=rngs)
         common = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
-        self.stem = _linear(patch_size * patch_size * in_chans, x_dim, axes=_STEM_AXES,
+        self.stem = layers.xavier_linear(patch_size * patch_size * in_chans, x_dim, axes=_STEM_AXES,
                             **common)
         self.stem_norm = _norm(x_dim, self.dtype, param_dtype)
         self.pool_latents = self.trunk.pairs[-1][1] > 0
         width_out = latent_dim if self.pool_latents else x_dim
-        self.head = (_linear(width_out, num_classes, axes=("embed", "classes"), **common)
+        self.head = (layers.xavier_linear(width_out, num_classes, axes=("embed", "classes"), **common)
                      if num_classes else None)
 
     def forward_features(self, images, *, train: bool = False, rngs: nnx.Rngs | None = None):
@@ -431,8 +430,8 @@ class ScalarEmbedding(nnx.Module):
             raise ValueError(f"ScalarEmbedding dim must be even, got {dim}")
         self.dim, self.scaling = dim, float(scaling)
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense0 = _linear(dim, dim * expansion, **common)
-        self.dense1 = _linear(dim * expansion, dim * expansion, axes=("mlp", "embed"), **common)
+        self.dense0 = layers.xavier_linear(dim, dim * expansion, **common)
+        self.dense1 = layers.xavier_linear(dim * expansion, dim * expansion, axes=("mlp", "embed"), **common)
 
     def __call__(self, t):
         half = self.dim // 2
@@ -476,24 +475,24 @@ class FITDenoiser(_FITBase):
                 rngs=rngs)
         common = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
         patch_dim = patch_size * patch_size * in_chans
-        self.stem = _linear(patch_dim, x_dim, axes=_STEM_AXES, **common)
+        self.stem = layers.xavier_linear(patch_dim, x_dim, axes=_STEM_AXES, **common)
         self.stem_norm = _norm(x_dim, self.dtype, param_dtype)
         self.time_emb = ScalarEmbedding(latent_dim // 4, **common)
-        self.cond_proj = (_linear(self.cond_dim, latent_dim, axes=(None, "embed"), **common)
+        self.cond_proj = (layers.xavier_linear(self.cond_dim, latent_dim, axes=(None, "embed"), **common)
                           if self.cond_dim else None)
         self.self_condition = bool(self_condition)
         if self.self_condition:
             # pix2seq MLP(num_layers=1): x + FFN(LN(x)), then LN with zero-initialised scale.
             self.latent_prev_norm = _norm(latent_dim, self.dtype, param_dtype)
             self.latent_prev_mlp = layers.Mlp(latent_dim, int(latent_dim * mlp_ratio),
-                                              kernel_init=_GLOROT, **common)
+                                              kernel_init=layers.XAVIER_INIT, **common)
             self.latent_prev_out_norm = layers.LayerNorm(latent_dim, eps=NORM_EPS,
                                                          dtype=self.dtype,
                                                          param_dtype=param_dtype)
             self.latent_prev_out_norm.scale.set_value(
                     jnp.zeros_like(self.latent_prev_out_norm.scale[...]))
         self.output_norm = _norm(x_dim, self.dtype, param_dtype)
-        self.output = _linear(x_dim, patch_dim, axes=("embed", "conv_out"), **common)
+        self.output = layers.xavier_linear(x_dim, patch_dim, axes=("embed", "conv_out"), **common)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -535,11 +534,6 @@ class FITDenoiser(_FITBase):
 # The patch stem maps pixels to the residual width: its output is "embed" (an "mlp" output
 # would be split over `tensor` and gathered again by the first layer norm).
 _STEM_AXES = ("conv_in", "embed")
-
-
-def _linear(in_features, out_features, *, axes=("embed", "mlp"), dtype, param_dtype, rngs):
-    return layers.Linear(in_features, out_features, axes=axes, kernel_init=_GLOROT,
-                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def _norm(dim, dtype, param_dtype):
@@ -617,21 +611,6 @@ def fit_param_count(kind: str, **config) -> int:
 # Registered variants. Sizes are ours (the paper's are not in the released code), stated below.
 # ---------------------------------------------------------------------------------------------
 
-ENCODER_ARGS = tuple(p for p in inspect.signature(FITEncoder.__init__).parameters
-                     if p not in ("self", "rngs"))
-AR_ARGS = tuple(p for p in inspect.signature(FITAR.__init__).parameters
-                if p not in ("self", "rngs"))
-DENOISER_ARGS = tuple(p for p in inspect.signature(FITDenoiser.__init__).parameters
-                      if p not in ("self", "rngs"))
-
-
-def _build(cls, allowed, name, base, rngs, overrides):
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown {name} argument(s) {unknown}; allowed: {list(allowed)}")
-    return cls(**{**base, **overrides}, rngs=rngs)
-
-
 _PAPER = ("Chen & Li 2023, FIT: Far-reaching Interleaved Transformers, arXiv:2305.12689")
 _REFERENCE = "google-research/pix2seq architectures/transformers.py (FIT, FITAR, FITDenoiser)"
 
@@ -645,43 +624,42 @@ _DENOISER_64 = dict(image_size=64, patch_size=4, layer_spec="(2)4(2)4(2)", num_g
                     latent_heads=8)
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE,
-                default_input={"image": ((256, 256, 3), "float32")},
-                config="configs/fit.py:encoder",
-                tiny=dict(image_size=32, patch_size=4, num_classes=10, layer_spec="(1)1(1)",
-                          num_groups=4, latents_per_group=4, x_dim=16, latent_dim=32,
-                          x_heads=2, latent_heads=2),
-                tiny_input={"image": ((32, 32, 3), "float32")},
-                notes="Our size (the paper's are unverified): 256 px, patch 8 -> 1024 patches "
-                      "in 16 groups of 64, 16 latents per group, c=384, d_l=768, "
-                      "'(2)4(2)4(2)'; ImageNet classifier on the mean of the output latents.")
-def fit_encoder_b(*, rngs: nnx.Rngs, **overrides) -> FITEncoder:
-    return _build(FITEncoder, ENCODER_ARGS, "fit_encoder_b", _ENCODER_B, rngs, overrides)
+fit_encoder_b = register_variant(
+        "fit_encoder_b", FITEncoder, _ENCODER_B,
+        paper=_PAPER, reference=_REFERENCE,
+        default_input={"image": ((256, 256, 3), "float32")},
+        config="configs/fit.py:encoder",
+        tiny=dict(image_size=32, patch_size=4, num_classes=10, layer_spec="(1)1(1)",
+                  num_groups=4, latents_per_group=4, x_dim=16, latent_dim=32,
+                  x_heads=2, latent_heads=2),
+        tiny_input={"image": ((32, 32, 3), "float32")},
+        notes="Our size (the paper's are unverified): 256 px, patch 8 -> 1024 patches "
+              "in 16 groups of 64, 16 latents per group, c=384, d_l=768, "
+              "'(2)4(2)4(2)'; ImageNet classifier on the mean of the output latents.")
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE,
-                default_input={"tokens": ((1024,), "int32")},
-                config="configs/fit.py:ar",
-                tiny=dict(vocab_size=64, seq_len=16, layer_spec="(1)1(1)", num_groups=4,
-                          latents_per_group=2, x_dim=16, latent_dim=32, x_heads=2,
-                          latent_heads=2),
-                tiny_input={"tokens": ((16,), "int32")},
-                notes="Our size: byte-level (vocab 256) context 1024 in 16 groups of 64 tokens, "
-                      "16 latents per group, c=256, d_l=512, '(2)4(2)4(2)'.")
-def fit_ar_small(*, rngs: nnx.Rngs, **overrides) -> FITAR:
-    return _build(FITAR, AR_ARGS, "fit_ar_small", _AR_SMALL, rngs, overrides)
+fit_ar_small = register_variant(
+        "fit_ar_small", FITAR, _AR_SMALL,
+        paper=_PAPER, reference=_REFERENCE,
+        default_input={"tokens": ((1024,), "int32")},
+        config="configs/fit.py:ar",
+        tiny=dict(vocab_size=64, seq_len=16, layer_spec="(1)1(1)", num_groups=4,
+                  latents_per_group=2, x_dim=16, latent_dim=32, x_heads=2,
+                  latent_heads=2),
+        tiny_input={"tokens": ((16,), "int32")},
+        notes="Our size: byte-level (vocab 256) context 1024 in 16 groups of 64 tokens, "
+              "16 latents per group, c=256, d_l=512, '(2)4(2)4(2)'.")
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE,
-                default_input={"images": ((64, 64, 3), "float32"), "t": ((), "float32")},
-                config="configs/fit.py:denoiser",
-                tiny=dict(image_size=16, patch_size=2, layer_spec="(1)1(1)", num_groups=4,
-                          latents_per_group=4, x_dim=16, latent_dim=32, x_heads=2,
-                          latent_heads=2),
-                tiny_input={"images": ((16, 16, 3), "float32"), "t": ((), "float32")},
-                notes="Our size: 64x64 pixels, patch 4 -> 256 patches in 4 sub-image groups, "
-                      "32 latents per group, c=256, d_l=512, '(2)4(2)4(2)', unconditional by "
-                      "default (cond_dim > 0 for class-conditional); returns (image, latents).")
-def fit_denoiser_64(*, rngs: nnx.Rngs, **overrides) -> FITDenoiser:
-    return _build(FITDenoiser, DENOISER_ARGS, "fit_denoiser_64", _DENOISER_64, rngs,
-                  overrides)
+fit_denoiser_64 = register_variant(
+        "fit_denoiser_64", FITDenoiser, _DENOISER_64,
+        paper=_PAPER, reference=_REFERENCE,
+        default_input={"images": ((64, 64, 3), "float32"), "t": ((), "float32")},
+        config="configs/fit.py:denoiser",
+        tiny=dict(image_size=16, patch_size=2, layer_spec="(1)1(1)", num_groups=4,
+                  latents_per_group=4, x_dim=16, latent_dim=32, x_heads=2,
+                  latent_heads=2),
+        tiny_input={"images": ((16, 16, 3), "float32"), "t": ((), "float32")},
+        notes="Our size: 64x64 pixels, patch 4 -> 256 patches in 4 sub-image groups, "
+              "32 latents per group, c=256, d_l=512, '(2)4(2)4(2)', unconditional by "
+              "default (cond_dim > 0 for class-conditional); returns (image, latents).")

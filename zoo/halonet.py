@@ -52,7 +52,6 @@ conv weights [out, in, kh, kw] load as [kh, kw, in, out], with no channel permut
 from __future__ import annotations
 
 import functools
-import inspect
 import numbers
 from typing import Any, Mapping, Sequence
 
@@ -64,7 +63,7 @@ from flax import nnx
 from kernels_pallas import halo as halo_ops
 from zoo import axes, layers
 from zoo.axes import with_axes
-from zoo.registry import register_model
+from zoo.registry import model_arguments, register_variant
 
 CONV_AXES = (None, None, "conv_in", "conv_out")
 # The attention's 1x1 convs are Megatron-style under tensor parallelism: q/kv split their output
@@ -324,25 +323,10 @@ class HaloBlock(nnx.Module):
         return axes.constrain(jax.nn.relu(y + shortcut), axes.MAPS)
 
 
-def _int_tuple(name: str, value, length: int | None = None, minimum: int = 1) -> tuple:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and length:
-        value = (value,) * length
-    if not isinstance(value, (tuple, list)) or not value:
-        raise ValueError(f"{name} must be a non-empty sequence of integers >= {minimum}, got "
-                         f"{value!r}")
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < minimum:
-            raise ValueError(f"{name} must be a sequence of integers >= {minimum}, got "
-                             f"{value!r}")
-    if length is not None and len(value) != length:
-        raise ValueError(f"{name} must have one entry per stage ({length}), got {value!r}")
-    return tuple(int(v) for v in value)
-
-
 def _image_hw(image_size) -> tuple[int, int]:
     if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
         image_size = (image_size, image_size)
-    return _int_tuple("image_size", image_size, 2)
+    return layers.int_tuple("image_size", image_size, 2)
 
 
 def valid_image_multiple(*, block_size: int, num_stages: int) -> int:
@@ -392,12 +376,12 @@ class HaloNet(nnx.Module):
                  head_dropout_rate: float = 0.0, attn_impl: str = "auto",
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         # Everything is checked before the first parameter is created.
-        depths = _int_tuple("depths", depths)
+        depths = layers.int_tuple("depths", depths)
         num_stages = len(depths)
-        stage_widths = _int_tuple("stage_widths", stage_widths, num_stages)
-        mid_widths = _int_tuple("mid_widths", mid_widths, num_stages)
-        value_widths = _int_tuple("value_widths", value_widths, num_stages)
-        heads = _int_tuple("num_heads", num_heads, num_stages)
+        stage_widths = layers.int_tuple("stage_widths", stage_widths, num_stages)
+        mid_widths = layers.int_tuple("mid_widths", mid_widths, num_stages)
+        value_widths = layers.int_tuple("value_widths", value_widths, num_stages)
+        heads = layers.int_tuple("num_heads", num_heads, num_stages)
         block_size = layers.check_positive_int(block_size, "block_size")
         if isinstance(halo_size, bool) or not isinstance(halo_size, numbers.Integral) or \
                 halo_size < 0:
@@ -497,21 +481,7 @@ class HaloNet(nnx.Module):
         return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     def _stage_indices(self, indices) -> list[int]:
-        count = len(self.stages)
-        if indices is None:
-            return list(range(count))
-        if isinstance(indices, int) and not isinstance(indices, bool):
-            if not 1 <= indices <= count:
-                raise ValueError(f"indices as an int takes the last n stages, n in "
-                                 f"[1, {count}], got {indices}")
-            return list(range(count - indices, count))
-        wanted = []
-        for i in indices:
-            if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
-                raise ValueError(f"indices must be stage indices in [-{count}, {count}), got "
-                                 f"{list(indices)!r}")
-            wanted.append(i % count)
-        return wanted
+        return layers.select_indices(indices, len(self.stages), "stage")
 
     def forward_intermediates(self, x: jax.Array, *, indices: int | Sequence[int] | None = None,
                               train: bool = False, rngs: nnx.Rngs | None = None
@@ -594,12 +564,10 @@ PAPER_PARAMS = {"h0": 5.5, "h1": 8.1, "h2": 9.4, "h3": 11.8, "h4": 19.1, "h5": 3
 PAPER_TOP1 = {"h0": 77.9, "h1": 79.9, "h2": 80.4, "h3": 81.9, "h4": 83.3, "h5": 84.0,
               "h6": 84.4, "h7": 84.9}
 
-MODEL_ARGS = tuple(name for name in inspect.signature(HaloNet.__init__).parameters
-                   if name not in ("self", "rngs"))
+MODEL_ARGS = model_arguments(HaloNet)
 # Widths are given through the paper's multipliers, never directly, so the two cannot clash.
 _WIDTH_ARGS = ("stage_widths", "mid_widths", "value_widths")
-BUILDER_ARGS = tuple(n for n in MODEL_ARGS if n not in _WIDTH_ARGS) + ("rv", "rb",
-                                                                         "base_widths")
+_MULTIPLIER_ARGS = ("rv", "rb", "base_widths")
 
 
 def stage_widths_from_multipliers(rv: float, rb: float,
@@ -608,25 +576,22 @@ def stage_widths_from_multipliers(rv: float, rb: float,
     for name, value in (("rv", rv), ("rb", rb)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
-    base = _int_tuple("base_widths", base_widths)
+    base = layers.int_tuple("base_widths", base_widths)
     return dict(stage_widths=tuple(make_divisible(b * rb) for b in base),
                 mid_widths=tuple(make_divisible(b) for b in base),
                 value_widths=tuple(make_divisible(b * rv) for b in base))
 
 
-def _build(variant: str, rngs: nnx.Rngs, overrides: dict[str, Any]) -> HaloNet:
-    unknown = sorted(set(overrides) - set(BUILDER_ARGS))
-    if unknown:
-        raise ValueError(f"unknown halonet_{variant} argument(s) {unknown}; allowed: "
-                         f"{list(BUILDER_ARGS)}")
-    args = {**VARIANTS[variant], **overrides}
+def _widths_from_multipliers(args: dict) -> dict:
+    """Builder arguments with rv/rb/base_widths replaced by HaloNet's per-stage widths."""
+    args = dict(args)
     base_widths = args.pop("base_widths", BASE_WIDTHS)
     if isinstance(base_widths, (tuple, list)) and isinstance(args["depths"], (tuple, list)) \
             and len(base_widths) != len(args["depths"]):
         raise ValueError(f"base_widths {tuple(base_widths)} and depths {tuple(args['depths'])} "
                          f"must have one entry per stage each")
     widths = stage_widths_from_multipliers(args.pop("rv"), args.pop("rb"), base_widths)
-    return HaloNet(**args, **widths, rngs=rngs)
+    return {**args, **widths}
 
 
 _PAPER = ("Vaswani, Ramachandran, Srinivas, Parmar, Hechtman, Shlens 2021, Scaling Local "
@@ -651,20 +616,15 @@ def _register(variant: str):
     if variant == "h7":
         notes += " The paper's 600 px cannot be tiled by b=10; defaults to 640 px."
 
-    def builder(*, rngs: nnx.Rngs, **overrides) -> HaloNet:
-        return _build(variant, rngs, overrides)
-
-    builder.__name__ = f"halonet_{variant}"
-    builder.__doc__ = f"HaloNet-{variant.upper()}: {notes}"
-    register_model(f"halonet_{variant}", paper=_PAPER, reference=_REFERENCE,
-                   default_input={"image": ((size, size, 3), "float32")},
-                   config=f"configs/halonet.py:{variant}",
-                   # Two tiny stages (total stride 8) need maps divisible by the block size.
-                   tiny=dict(_TINY, image_size=8 * spec["block_size"]),
-                   tiny_input={"image": ((8 * spec["block_size"],) * 2 + (3,), "float32")},
-                   paper_params=PAPER_PARAMS[variant], paper_params_tolerance=0.015,
-                   notes=notes)(builder)
-    return builder
+    return register_variant(
+            f"halonet_{variant}", HaloNet, VARIANTS[variant], extra=_MULTIPLIER_ARGS,
+            exclude=_WIDTH_ARGS, prepare=_widths_from_multipliers, paper=_PAPER,
+            reference=_REFERENCE, default_input={"image": ((size, size, 3), "float32")},
+            config=f"configs/halonet.py:{variant}",
+            # Two tiny stages (total stride 8) need maps divisible by the block size.
+            tiny=dict(_TINY, image_size=8 * spec["block_size"]),
+            tiny_input={"image": ((8 * spec["block_size"],) * 2 + (3,), "float32")},
+            paper_params=PAPER_PARAMS[variant], paper_params_tolerance=0.015, notes=notes)
 
 
 halonet_h0 = _register("h0")

@@ -29,6 +29,7 @@ Conventions (all layers):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Sequence
 
 import jax
@@ -79,6 +80,42 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def int_tuple(name: str, value, length: int | None = None, minimum: int = 1) -> tuple:
+    """`value` as a tuple of ints >= `minimum` (one per stage, `length` of them when given; a
+    single int is then repeated)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and length:
+        value = (value,) * length
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or not value:
+        raise ValueError(f"{name} must be a non-empty sequence of integers >= {minimum}, got "
+                         f"{value!r}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < minimum:
+            raise ValueError(f"{name} must be a sequence of integers >= {minimum}, got "
+                             f"{value!r}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} must have one entry per stage ({length}), got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def select_indices(indices, count: int, what: str) -> list[int]:
+    """timm's `forward_intermediates` indices: None = all `count` blocks/stages, an int n =
+    the last n, a sequence = those (negative counts from the end)."""
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= count:
+            raise ValueError(f"indices as an int takes the last n {what}s, n in [1, {count}], "
+                             f"got {indices}")
+        return list(range(count - indices, count))
+    wanted = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
+            raise ValueError(f"indices must be {what} indices in [-{count}, {count}), got "
+                             f"{list(indices)!r}")
+        wanted.append(i % count)
+    return wanted
 
 
 def _flattened_init(init: Initializer) -> Initializer:
@@ -143,6 +180,18 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+XAVIER_INIT: Initializer = nnx.initializers.xavier_uniform()
+
+
+def xavier_linear(in_features: int, out_features: int | Sequence[int],
+                  axes: Sequence[str | None] = ("embed", "mlp"), *, dtype: Any,
+                  param_dtype: Any, rngs: nnx.Rngs) -> Linear:
+    """A Linear with Xavier/Glorot-uniform kernel and zero bias (the init of FIT's pix2seq
+    Dense layers and NViST's timm-style blocks)."""
+    return Linear(in_features, out_features, axes=axes, kernel_init=XAVIER_INIT, dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs)
 
 
 class LayerNorm(nnx.Module):
@@ -419,8 +468,9 @@ class Attention(nnx.Module):
         return axes.constrain(dropout(out, self.proj_drop, train=train, rngs=rngs), axes.TOKENS)
 
 
-def _torch_conv_default_bias_init(fan_in: int) -> Initializer:
-    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's Conv2d bias init, kept by timm's ViT."""
+def torch_uniform(fan_in: int) -> Initializer:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Conv2d bias init (kept by timm's
+    ViT) and, for a depth-wise conv, its weight init too."""
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key, shape, dtype=jnp.float32):
@@ -469,7 +519,7 @@ class PatchEmbed(nnx.Module):
                 1.0 / 3.0, "fan_in", "uniform", in_axis=(0, 1, 2), out_axis=3)
         self.kernel = nnx.Param(with_axes(kernel_init, (None, None, "conv_in", "embed"))(
                 rngs.params(), (ph, pw, self.in_chans, self.embed_dim), param_dtype))
-        self.bias = (nnx.Param(with_axes(_torch_conv_default_bias_init(fan_in), ("embed",))(
+        self.bias = (nnx.Param(with_axes(torch_uniform(fan_in), ("embed",))(
                 rngs.params(), (self.embed_dim,), param_dtype)) if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -485,13 +535,18 @@ class PatchEmbed(nnx.Module):
         return y
 
 
-def sincos_pos_embed_2d(grid_height: int, grid_width: int, dim: int,
-                        temperature: float = 10_000.0) -> jax.Array:
-    """Fixed 2-D sine-cosine position embedding, [grid_height * grid_width, dim] float32.
+def sincos_2d(grid_height: int, grid_width: int, dim: int, *, mae_frequencies: bool = False,
+              offset: float = 0.0, cls_token: bool = False,
+              temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sine-cosine position code, [(1 +) grid_height * grid_width, dim] float32.
 
     Rows are in raster order (row-major over the grid). A quarter of the channels each holds
-    sin(x*w), cos(x*w), sin(y*w), cos(y*w), with frequencies w = temperature**(-k/(dim/4 - 1)),
-    k = 0..dim/4-1 (the MoCo v3 / big_vision layout), so `dim` must be a multiple of 4.
+    sin(x*w), cos(x*w), sin(y*w), cos(y*w) (x = column, y = row, each + `offset`), so `dim`
+    must be a multiple of 4. The frequencies differ between the two references:
+      * default (MoCo v3 / big_vision): w = temperature**(-k / (dim/4 - 1)), k = 0..dim/4-1;
+      * `mae_frequencies` (MAE, NViST): w = temperature**(-k / (dim/4)).
+    `cls_token` prepends a zero row (MAE's class token). A NumPy constant, computed at trace
+    time, not model state.
     """
     grid_height = check_positive_int(grid_height, "grid_height")
     grid_width = check_positive_int(grid_width, "grid_width")
@@ -500,11 +555,15 @@ def sincos_pos_embed_2d(grid_height: int, grid_width: int, dim: int,
         raise ValueError(f"dim must be a multiple of 4 for a 2-D sin-cos embedding, got {dim}")
     quarter = dim // 4
     # A single frequency (dim == 4) has no spread to interpolate over; use w = 1.
-    exponent = np.arange(quarter) / max(quarter - 1, 1)
+    exponent = np.arange(quarter, dtype=np.float64) / (
+            quarter if mae_frequencies else max(quarter - 1, 1))
     omega = 1.0 / (temperature ** exponent)
-    rows, cols = np.meshgrid(np.arange(grid_height), np.arange(grid_width), indexing="ij")
+    rows, cols = np.meshgrid(np.arange(grid_height) + offset, np.arange(grid_width) + offset,
+                             indexing="ij")
     angle_x = cols.reshape(-1, 1) * omega[None]
     angle_y = rows.reshape(-1, 1) * omega[None]
     table = np.concatenate([np.sin(angle_x), np.cos(angle_x), np.sin(angle_y), np.cos(angle_y)],
                            axis=1)
-    return jnp.asarray(table, dtype=jnp.float32)
+    if cls_token:
+        table = np.concatenate([np.zeros((1, dim)), table], axis=0)
+    return table.astype(np.float32)

@@ -25,34 +25,14 @@ from flax import nnx
 
 from zoo import axes, layers
 from zoo.axes import with_axes
-from zoo.registry import register_model
+from zoo.registry import register_variant
 from zoo.vit import Block
 
-_XAVIER = nnx.initializers.xavier_uniform()
 
 
-def sincos_2d(grid_h: int, grid_w: int, dim: int, *, offset: float = 0.0,
-              cls_token: bool = True) -> np.ndarray:
-    """MAE's fixed 2-D sin-cos code [(1 +) grid_h * grid_w, dim] (raster order).
-
-    The first dim/2 channels encode the column index, the last dim/2 the row index (MAE's
-    meshgrid puts w first), each [sin | cos] of pos * 10000^(-k / (dim/4)). `offset` is added
-    to the indices (NViST's decoder code uses +0.5). A zero row is prepended for a class token.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos position code needs dim divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-    rows, cols = np.meshgrid(np.arange(grid_h) + offset, np.arange(grid_w) + offset,
-                             indexing="ij")
-
-    def encode(pos):
-        angles = pos.reshape(-1)[:, None] * omega[None]
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-    code = np.concatenate([encode(cols), encode(rows)], axis=1)
-    if cls_token:
-        code = np.concatenate([np.zeros((1, dim)), code], axis=0)
-    return code.astype(np.float32)
+def _mae_code(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
+    """MAE's fixed 2-D sin-cos code with a zero class-token row (MAE's frequencies)."""
+    return layers.sincos_2d(grid_h, grid_w, dim, mae_frequencies=True, cls_token=True)
 
 
 def _xavier_conv(key, shape, dtype=jnp.float32):
@@ -99,7 +79,7 @@ class MAEEncoder(nnx.Module):
         return self.grid_size[0] * self.grid_size[1]
 
     def position_code(self) -> jax.Array:
-        return jnp.asarray(sincos_2d(*self.grid_size, self.embed_dim), self.dtype)
+        return jnp.asarray(_mae_code(*self.grid_size, self.embed_dim), self.dtype)
 
     def __call__(self, images, *, mask_ratio: float = 0.0, rng=None, apply_norm: bool = True,
                  train: bool = False, rngs: nnx.Rngs | None = None):
@@ -138,7 +118,7 @@ def _xavier_linears(module: nnx.Module, rngs: nnx.Rngs) -> None:
         if isinstance(sub, layers.Linear):
             shape = sub.kernel.shape
             flat = (shape[0], int(np.prod(shape[1:])))
-            sub.kernel.set_value(_XAVIER(rngs.params(), flat, sub.kernel.dtype).reshape(shape))
+            sub.kernel.set_value(layers.XAVIER_INIT(rngs.params(), flat, sub.kernel.dtype).reshape(shape))
             if sub.bias is not None:
                 sub.bias.set_value(jnp.zeros_like(sub.bias[...]))
 
@@ -165,7 +145,7 @@ class MAE(nnx.Module):
         self.patch = self.encoder.patch_embed.patch_size
         self.decoder_dim = decoder_dim
         self.decoder_embed = layers.Linear(embed_dim, decoder_dim, axes=("embed", None),
-                                           kernel_init=_XAVIER, rngs=rngs, **common)
+                                           kernel_init=layers.XAVIER_INIT, rngs=rngs, **common)
         self.mask_token = nnx.Param(with_axes(nnx.initializers.normal(0.02),
                                               (None, None, "embed"))(
                 rngs.params(), (1, 1, decoder_dim), param_dtype))
@@ -176,7 +156,7 @@ class MAE(nnx.Module):
             _xavier_linears(block, rngs)
         self.decoder_norm = layers.LayerNorm(decoder_dim, eps=1e-6, **common)
         self.decoder_pred = layers.Linear(decoder_dim, self.patch[0] * self.patch[1] * in_chans,
-                                          axes=("embed", None), kernel_init=_XAVIER, rngs=rngs,
+                                          axes=("embed", None), kernel_init=layers.XAVIER_INIT, rngs=rngs,
                                           **common)
 
     def patchify(self, images):
@@ -202,7 +182,7 @@ class MAE(nnx.Module):
             mask = put(mask, keep_ids, jnp.zeros(keep_ids.shape, mask.dtype))
         else:
             slots, mask = x[:, 1:], jnp.zeros((b, n), jnp.float32)
-        code = jnp.asarray(sincos_2d(*self.encoder.grid_size, self.decoder_dim), self.dtype)
+        code = jnp.asarray(_mae_code(*self.encoder.grid_size, self.decoder_dim), self.dtype)
         x = jnp.concatenate([x[:, :1], slots], axis=1) + code
         for block in self.decoder_blocks:
             x = block(x, train=train, rngs=rngs)
@@ -225,14 +205,14 @@ _PAPER = ("He et al. 2022, Masked Autoencoders Are Scalable Vision Learners (CVP
 _REFERENCE = "wbjang/nvist_official models/mae_original_model.py; facebookresearch/mae"
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE,
-                default_input={"images": ((160, 90, 3), "float32")},
-                config="configs/nvist.py:mae_smoke",
-                tiny=dict(image_size=(20, 10), embed_dim=16, depth=1, num_heads=2,
-                          decoder_dim=16, decoder_depth=1, decoder_heads=2),
-                tiny_input={"images": ((20, 10, 3), "float32")},
-                notes="MAE ViT-B/5 on 160x90 (576 patches), decoder 512/8/16 as NViST's MAE "
-                      "fine-tuning stage; encoder 85,115,136 trainable parameters (the fixed "
-                      "sin-cos codes are not parameters).")
-def mae_vit_b5(*, rngs: nnx.Rngs, **overrides) -> MAE:
-    return MAE(**overrides, rngs=rngs)
+mae_vit_b5 = register_variant(
+        "mae_vit_b5", MAE,
+        paper=_PAPER, reference=_REFERENCE,
+        default_input={"images": ((160, 90, 3), "float32")},
+        config="configs/nvist.py:mae_smoke",
+        tiny=dict(image_size=(20, 10), embed_dim=16, depth=1, num_heads=2,
+                  decoder_dim=16, decoder_depth=1, decoder_heads=2),
+        tiny_input={"images": ((20, 10, 3), "float32")},
+        notes="MAE ViT-B/5 on 160x90 (576 patches), decoder 512/8/16 as NViST's MAE "
+              "fine-tuning stage; encoder 85,115,136 trainable parameters (the fixed "
+              "sin-cos codes are not parameters).")

@@ -45,7 +45,6 @@ Init: all Linear Xavier-uniform with zero bias (the reference's `use_adaln_zero=
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Sequence
 
@@ -57,18 +56,12 @@ import kernels_pallas
 from kernels_pallas.grid_sample import grid_sample
 from zoo import axes, layers
 from zoo.axes import with_axes
-from zoo.mae import MAEEncoder, sincos_2d
-from zoo.registry import register_model
+from zoo.mae import MAEEncoder
+from zoo.registry import model_arguments, register_variant
 
-_XAVIER = nnx.initializers.xavier_uniform()
 NORM_EPS = 1e-6
 MAT_MODES = ((0, 1), (2, 0), (1, 2))
 VEC_MODES = (2, 1, 0)
-
-
-def _linear(n_in, n_out, axes=("embed", "mlp"), *, dtype, param_dtype, rngs):
-    return layers.Linear(n_in, n_out, axes=axes, kernel_init=_XAVIER, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
 
 
 def camera_encoding(camera_params: jax.Array, freqs: int = 4) -> jax.Array:
@@ -93,12 +86,12 @@ class AdaLNBlock(nnx.Module):
         self.norm_v = layers.LayerNorm(dim, eps=NORM_EPS, **common)
         # Six [dim] chunks, split apart below: their concatenation is not a hidden layer that
         # tensor parallelism could split.
-        self.modulation = _linear(dim, 6 * dim, ("embed", None), rngs=rngs, **common)
-        self.q = _linear(dim, dim, ("embed", "heads"), rngs=rngs, **common)
-        self.k = _linear(dim, dim, ("embed", "heads"), rngs=rngs, **common)
-        self.v = _linear(dim, dim, ("embed", "heads"), rngs=rngs, **common)
-        self.proj = _linear(dim, dim, ("heads", "embed"), rngs=rngs, **common)
-        self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), kernel_init=_XAVIER, rngs=rngs,
+        self.modulation = layers.xavier_linear(dim, 6 * dim, ("embed", None), rngs=rngs, **common)
+        self.q = layers.xavier_linear(dim, dim, ("embed", "heads"), rngs=rngs, **common)
+        self.k = layers.xavier_linear(dim, dim, ("embed", "heads"), rngs=rngs, **common)
+        self.v = layers.xavier_linear(dim, dim, ("embed", "heads"), rngs=rngs, **common)
+        self.proj = layers.xavier_linear(dim, dim, ("heads", "embed"), rngs=rngs, **common)
+        self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), kernel_init=layers.XAVIER_INIT, rngs=rngs,
                               **common)
 
     def __call__(self, x, c, y=None):
@@ -141,22 +134,23 @@ class NViSTDecoder(nnx.Module):
                                                    ("pos", "embed"))(
                 rngs.params(), (num_image_tokens, dim), param_dtype))
         camera_in = 2 + 2 * 2 * camera_freqs
-        self.camera_fc1 = _linear(camera_in, dim, (None, "mlp"), rngs=rngs, **common)
-        self.camera_fc2 = _linear(dim, dim, ("mlp", "embed"), rngs=rngs, **common)
+        self.camera_fc1 = layers.xavier_linear(camera_in, dim, (None, "mlp"), rngs=rngs, **common)
+        self.camera_fc2 = layers.xavier_linear(dim, dim, ("mlp", "embed"), rngs=rngs, **common)
         self.blocks = nnx.List([AdaLNBlock(dim, num_heads, mlp_ratio, attn_impl=attn_impl,
                                            rngs=rngs, **common) for _ in range(depth)])
         self.matrix_norm = layers.LayerNorm(dim, eps=NORM_EPS, **common)
         self.vector_norm = layers.LayerNorm(dim, eps=NORM_EPS, **common)
-        self.matrix_heads = nnx.List([_linear(dim, patch_size * patch_size * channels,
+        self.matrix_heads = nnx.List([layers.xavier_linear(dim, patch_size * patch_size * channels,
                                               ("embed", None),
                                               rngs=rngs, **common) for _ in range(3)])
-        self.vector_heads = nnx.List([_linear(dim, patch_size * channels, ("embed", None),
+        self.vector_heads = nnx.List([layers.xavier_linear(dim, patch_size * channels, ("embed", None),
                                               rngs=rngs, **common)
                                       for _ in range(3)])
 
     def position_code(self) -> jax.Array:
         # [48, 17] grid (816 cells) + cls zero row, index offset 0.5 (NViST posemb).
-        code = sincos_2d(self.grid[0], self.grid[1] + 1, self.dim, offset=0.5)
+        code = layers.sincos_2d(self.grid[0], self.grid[1] + 1, self.dim, mae_frequencies=True,
+                                cls_token=True, offset=0.5)
         return jnp.asarray(code, self.dtype)
 
     def __call__(self, features, camera_params):
@@ -216,9 +210,9 @@ class Renderer(nnx.Module):
         common = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
         # A ~10k-parameter MLP per sample point: kept whole under tensor parallelism.
         axes = ("conv_in", "conv_out")
-        self.rgb_features = _linear(3 * self.rgb_channels, feature_dim, axes, **common)
-        self.rgb_hidden = _linear(feature_dim + 6 * view_freqs + 3, feature_dim, axes, **common)
-        self.rgb_out = _linear(feature_dim, 3, axes, **common)
+        self.rgb_features = layers.xavier_linear(3 * self.rgb_channels, feature_dim, axes, **common)
+        self.rgb_hidden = layers.xavier_linear(feature_dim + 6 * view_freqs + 3, feature_dim, axes, **common)
+        self.rgb_out = layers.xavier_linear(feature_dim, 3, axes, **common)
 
     def sample_depths(self, rng=None):
         """(edges [S + 1], midpoints [S]): jittered (shared by all rays) when rng is given."""
@@ -317,8 +311,7 @@ class NViST(nnx.Module):
         return self.renderer(rays_o, rays_d, planes, lines, rng=rng)
 
 
-MODEL_ARGS = tuple(p for p in inspect.signature(NViST.__init__).parameters
-                   if p not in ("self", "rngs"))
+MODEL_ARGS = model_arguments(NViST)
 
 _PAPER = ("Jang & Agapito 2024, NViST: In the Wild New View Synthesis from a Single Image "
           "with Transformers (CVPR), arXiv:2312.08568")
@@ -333,18 +326,18 @@ _TINY_INPUT = {"images": ((20, 10, 3), "float32"), "camera_params": ((2,), "floa
                "rays_o": ((16, 3), "float32"), "rays_d": ((16, 3), "float32")}
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/nvist.py:nvist", tiny=_TINY, tiny_input=_TINY_INPUT,
-                paper_params=214.6, paper_params_tolerance=0.01,
-                notes="Reference config: MAE ViT-B/5 encoder (85,115,136) + decoder "
-                      "(129,514,368) + renderer (10,755) = 214,640,259 trainable parameters.")
-def nvist(*, rngs: nnx.Rngs, **overrides) -> NViST:
-    return NViST(**overrides, rngs=rngs)
+nvist = register_variant(
+        "nvist", NViST,
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/nvist.py:nvist", tiny=_TINY, tiny_input=_TINY_INPUT,
+        paper_params=214.6, paper_params_tolerance=0.01,
+        notes="Reference config: MAE ViT-B/5 encoder (85,115,136) + decoder "
+              "(129,514,368) + renderer (10,755) = 214,640,259 trainable parameters.")
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/nvist.py:smoke", tiny=_TINY, tiny_input=_TINY_INPUT,
-                notes="CPU-sized NViST (width 64, 2+2 blocks, 24^3 field, 24 samples per ray) "
-                      "for the smoke config and tests; same architecture otherwise.")
-def nvist_small(*, rngs: nnx.Rngs, **overrides) -> NViST:
-    return NViST(**{**SMALL, **overrides}, rngs=rngs)
+nvist_small = register_variant(
+        "nvist_small", NViST, SMALL,
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/nvist.py:smoke", tiny=_TINY, tiny_input=_TINY_INPUT,
+        notes="CPU-sized NViST (width 64, 2+2 blocks, 24^3 field, 24 samples per ray) "
+              "for the smoke config and tests; same architecture otherwise.")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-from typing import Any, Callable
+import inspect
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -52,6 +53,58 @@ def register_model(name: str | None = None, *, paper: str, reference: str,
         return builder
 
     return decorator
+
+
+def model_arguments(model_class: type) -> tuple[str, ...]:
+    """The keyword arguments of `model_class`'s constructor a config may set (all but rngs)."""
+    return tuple(name for name in inspect.signature(model_class.__init__).parameters
+                 if name not in ("self", "rngs"))
+
+
+def variant_builder(name: str, model_class: type, defaults: Mapping[str, Any] | None = None,
+                    *, fixed: Mapping[str, Any] | None = None, extra: Sequence[str] = (),
+                    exclude: Sequence[str] = (), prepare: Callable[[dict], dict] | None = None,
+                    doc: str = "") -> Callable[..., nnx.Module]:
+    """`builder(*, rngs, **overrides)` -> `model_class` built from `defaults` updated by the
+    overrides: the one place where override names are checked, in one line.
+
+    Args:
+        fixed: constructor arguments the builder sets and overrides may not (VSA's block).
+        extra: builder-only arguments, turned into constructor arguments by `prepare(args)`
+            (HaloNet's rv/rb width multipliers).
+        exclude: constructor arguments only `prepare` sets (HaloNet's per-stage widths).
+    """
+    fixed = dict(fixed or {})
+    allowed = tuple(a for a in model_arguments(model_class)
+                    if a not in fixed and a not in exclude) + tuple(extra)
+    base = dict(defaults or {})
+
+    def builder(*, rngs: nnx.Rngs, **overrides):
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown {name} argument(s) {unknown}; allowed: {list(allowed)}")
+        args = {**base, **overrides}
+        if prepare is not None:
+            args = prepare(args)
+        return model_class(**args, **fixed, rngs=rngs)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f"{model_class.__name__} {name}. {doc}".strip()
+    builder.arguments = allowed
+    return builder
+
+
+def register_variant(name: str, model_class: type, defaults: Mapping[str, Any] | None = None,
+                     *, fixed: Mapping[str, Any] | None = None, extra: Sequence[str] = (),
+                     exclude: Sequence[str] = (), prepare: Callable[[dict], dict] | None = None,
+                     **card) -> Callable[..., nnx.Module]:
+    """Registers `name` with a `variant_builder` (same arguments) and returns the builder;
+    `card` holds the `register_model` facts (paper, reference, default_input, config, tiny,
+    paper_params, notes, ...)."""
+    builder = variant_builder(name, model_class, defaults, fixed=fixed, extra=extra,
+                              exclude=exclude, prepare=prepare, doc=card.get("notes", ""))
+    register_model(name, **card)(builder)
+    return builder
 
 
 def _entry(name: str) -> ModelEntry:

@@ -54,7 +54,6 @@ full forward; `zoo.generate.generate` drives them.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -65,7 +64,7 @@ from flax import nnx
 import kernels_pallas
 from zoo import axes, layers
 from zoo.axes import with_axes
-from zoo.registry import register_model
+from zoo.registry import model_arguments, register_variant
 
 # Official gpt_2_PTS.py initialisation of beta (per-layer learnable scalar).
 BETA_INIT = 1.5
@@ -363,17 +362,8 @@ _VARIANTS = {
         "small": dict(width=768, depth=12, num_heads=12),
         "medium": dict(width=1024, depth=24, num_heads=16),
 }
-MODEL_ARGS = tuple(name for name in inspect.signature(SelectiveGPT.__init__).parameters
-                   if name not in ("self", "rngs"))
+MODEL_ARGS = model_arguments(SelectiveGPT)
 SSA_OFF = dict(ssa_query_position=False, ssa_query_token=False, ssa_value=False)
-
-
-def _build(variant: str, rngs: nnx.Rngs, overrides: dict[str, Any]) -> SelectiveGPT:
-    unknown = sorted(set(overrides) - set(MODEL_ARGS))
-    if unknown:
-        raise ValueError(f"unknown ssa_gpt2_{variant} argument(s) {unknown}; allowed: "
-                         f"{list(MODEL_ARGS)}")
-    return SelectiveGPT(**{**_VARIANTS[variant], **overrides}, rngs=rngs)
 
 
 def ssa_overhead(width: int, depth: int, num_heads: int, *, query_position=True,
@@ -409,19 +399,19 @@ _TINY_INPUT = {"tokens": ((16,), "int32")}
 _TOLERANCE = 0.003
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/ssa.py:gpt2_small", tiny=_TINY, tiny_input=_TINY_INPUT,
-                paper_params=124.44, paper_params_tolerance=_TOLERANCE,
-                notes="GPT-2 small (width 768, depth 12, 12 heads, vocab 50257, 1024 positions) "
-                      "+ SSA. " + _overhead_note("small"))
-def ssa_gpt2_small(*, rngs: nnx.Rngs, **overrides) -> SelectiveGPT:
-    return _build("small", rngs, overrides)
+ssa_gpt2_small = register_variant(
+        "ssa_gpt2_small", SelectiveGPT, _VARIANTS["small"],
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/ssa.py:gpt2_small", tiny=_TINY, tiny_input=_TINY_INPUT,
+        paper_params=124.44, paper_params_tolerance=_TOLERANCE,
+        notes="GPT-2 small (width 768, depth 12, 12 heads, vocab 50257, 1024 positions) "
+              "+ SSA. " + _overhead_note("small"))
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/ssa.py:gpt2_medium", tiny=_TINY, tiny_input=_TINY_INPUT,
-                paper_params=354.82, paper_params_tolerance=_TOLERANCE,
-                notes="GPT-2 medium (width 1024, depth 24, 16 heads, vocab 50257, 1024 "
-                      "positions) + SSA. " + _overhead_note("medium"))
-def ssa_gpt2_medium(*, rngs: nnx.Rngs, **overrides) -> SelectiveGPT:
-    return _build("medium", rngs, overrides)
+ssa_gpt2_medium = register_variant(
+        "ssa_gpt2_medium", SelectiveGPT, _VARIANTS["medium"],
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/ssa.py:gpt2_medium", tiny=_TINY, tiny_input=_TINY_INPUT,
+        paper_params=354.82, paper_params_tolerance=_TOLERANCE,
+        notes="GPT-2 medium (width 1024, depth 24, 16 heads, vocab 50257, 1024 "
+              "positions) + SSA. " + _overhead_note("medium"))

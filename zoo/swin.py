@@ -30,7 +30,6 @@ Conventions:
 """
 from __future__ import annotations
 
-import inspect
 import numbers
 from typing import Any, Callable, Sequence
 
@@ -41,7 +40,7 @@ from flax import nnx
 
 from zoo import axes, layers
 from zoo.axes import with_axes
-from zoo.registry import register_model
+from zoo.registry import model_arguments, register_variant
 
 SWIN_NORM_EPS = 1e-5  # timm Swin uses torch's nn.LayerNorm default
 
@@ -326,13 +325,6 @@ class SwinStage(nnx.Module):
         return x
 
 
-def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"{name} must be a non-empty sequence of positive integers, got "
-                         f"{value!r}")
-    return tuple(layers.check_positive_int(v, name) for v in value)
-
-
 class SwinTransformer(nnx.Module):
     """Swin classifier on NHWC images.
 
@@ -363,8 +355,8 @@ class SwinTransformer(nnx.Module):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn_impl: str = "auto",
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  block_factory: BlockFactory | None = None, rngs: nnx.Rngs):
-        depths = _int_tuple(depths, "depths")
-        num_heads = _int_tuple(num_heads, "num_heads")
+        depths = layers.int_tuple("depths", depths)
+        num_heads = layers.int_tuple("num_heads", num_heads)
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {depths} and num_heads {num_heads} must have one entry "
                              f"per stage")
@@ -455,21 +447,31 @@ class SwinTransformer(nnx.Module):
         return self.forward_head(self.forward_features(x, train=train, rngs=rngs),
                                  train=train, rngs=rngs)
 
-    def forward_intermediates(self, x: jax.Array, *, norm: bool = False, train: bool = False,
+    def forward_intermediates(self, x: jax.Array, *, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, train: bool = False,
                               rngs: nnx.Rngs | None = None
                               ) -> tuple[jax.Array, list[jax.Array]]:
-        """(final map as `forward_features` returns it, [stage output maps [B, h, w, C]]).
+        """Stage outputs, timm-style.
 
-        With `norm`, the last stage's map is passed through the final LayerNorm (the other
-        stages have no norm of their own in Swin).
+        Args:
+            indices: None = every stage; an int n = the last n stages; a sequence = those stage
+                indices (negative counts from the end).
+            norm: pass the last stage's map through the final LayerNorm (the other stages have
+                no norm of their own in Swin).
+
+        Returns:
+            (final map as `forward_features` returns it, [stage output maps [B, h, w, C]]).
         """
+        wanted = layers.select_indices(indices, len(self.layers), "stage")
+        last = len(self.layers) - 1
         maps = []
         x = self.patch_embed(x)
-        for stage in self.layers:
+        for i, stage in enumerate(self.layers):
             x = stage(x, train=train, rngs=rngs)
-            maps.append(x)
+            if i in wanted:
+                maps.append(x)
         features = self.norm(x)
-        if norm:
+        if norm and last in wanted:
             maps[-1] = features
         return features, maps
 
@@ -483,16 +485,7 @@ _VARIANTS: dict[str, dict[str, Any]] = {
         "s": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
         "b": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
 }
-MODEL_ARGS = tuple(name for name in inspect.signature(SwinTransformer.__init__).parameters
-                   if name not in ("self", "rngs"))
-
-
-def _build(variant: str, rngs: nnx.Rngs, overrides: dict[str, Any]) -> SwinTransformer:
-    unknown = sorted(set(overrides) - set(MODEL_ARGS))
-    if unknown:
-        raise ValueError(f"unknown swin_{variant} argument(s) {unknown}; allowed: "
-                         f"{list(MODEL_ARGS)}")
-    return SwinTransformer(**{**_VARIANTS[variant], **overrides}, rngs=rngs)
+MODEL_ARGS = model_arguments(SwinTransformer)
 
 
 _PAPER = ("Liu et al. 2021, Swin Transformer: Hierarchical Vision Transformer using Shifted "
@@ -505,28 +498,28 @@ _TINY = dict(image_size=56, embed_dim=16, depths=(2, 1), num_heads=(2, 4), num_c
 _TINY_INPUT = {"image": ((56, 56, 3), "float32")}
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/swin.py:swin_t", tiny=_TINY, tiny_input=_TINY_INPUT,
-                paper_params=28.29, paper_params_tolerance=0.005,
-                notes="Swin-T (C=96, depths 2-2-6-2, heads 3-6-12-24, window 7); 28,288,354 "
-                      "params = timm swin_tiny_patch4_window7_224 (paper: 28M).")
-def swin_t(*, rngs: nnx.Rngs, **overrides) -> SwinTransformer:
-    return _build("t", rngs, overrides)
+swin_t = register_variant(
+        "swin_t", SwinTransformer, _VARIANTS["t"],
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/swin.py:swin_t", tiny=_TINY, tiny_input=_TINY_INPUT,
+        paper_params=28.29, paper_params_tolerance=0.005,
+        notes="Swin-T (C=96, depths 2-2-6-2, heads 3-6-12-24, window 7); 28,288,354 "
+              "params = timm swin_tiny_patch4_window7_224 (paper: 28M).")
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/swin.py:swin_s", tiny=_TINY, tiny_input=_TINY_INPUT,
-                paper_params=49.61, paper_params_tolerance=0.005,
-                notes="Swin-S (C=96, depths 2-2-18-2); 49,606,258 params = timm "
-                      "swin_small_patch4_window7_224 (paper: 50M).")
-def swin_s(*, rngs: nnx.Rngs, **overrides) -> SwinTransformer:
-    return _build("s", rngs, overrides)
+swin_s = register_variant(
+        "swin_s", SwinTransformer, _VARIANTS["s"],
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/swin.py:swin_s", tiny=_TINY, tiny_input=_TINY_INPUT,
+        paper_params=49.61, paper_params_tolerance=0.005,
+        notes="Swin-S (C=96, depths 2-2-18-2); 49,606,258 params = timm "
+              "swin_small_patch4_window7_224 (paper: 50M).")
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/swin.py:swin_b", tiny=_TINY, tiny_input=_TINY_INPUT,
-                paper_params=87.77, paper_params_tolerance=0.005,
-                notes="Swin-B (C=128, depths 2-2-18-2, heads 4-8-16-32); 87,768,224 params = "
-                      "timm swin_base_patch4_window7_224 (paper: 88M).")
-def swin_b(*, rngs: nnx.Rngs, **overrides) -> SwinTransformer:
-    return _build("b", rngs, overrides)
+swin_b = register_variant(
+        "swin_b", SwinTransformer, _VARIANTS["b"],
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/swin.py:swin_b", tiny=_TINY, tiny_input=_TINY_INPUT,
+        paper_params=87.77, paper_params_tolerance=0.005,
+        notes="Swin-B (C=128, depths 2-2-18-2, heads 4-8-16-32); 87,768,224 params = "
+              "timm swin_base_patch4_window7_224 (paper: 88M).")

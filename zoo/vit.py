@@ -18,7 +18,6 @@ trunc-normal std 0.02, class token normal std 1e-6, patch embedding PyTorch's co
 """
 from __future__ import annotations
 
-import inspect
 import numbers
 from typing import Any, Sequence
 
@@ -28,7 +27,7 @@ from flax import nnx
 
 from zoo import axes, layers
 from zoo.axes import with_axes
-from zoo.registry import register_model
+from zoo.registry import register_variant
 
 _POOLS = ("cls", "gap")
 
@@ -207,21 +206,7 @@ class VisionTransformer(nnx.Module):
             (final tokens as `forward_features` returns them,
              list of [B, grid_h, grid_w, embed_dim] patch-token maps, class token removed).
         """
-        depth = len(self.blocks)
-        if indices is None:
-            wanted = list(range(depth))
-        elif isinstance(indices, int) and not isinstance(indices, bool):
-            if not 1 <= indices <= depth:
-                raise ValueError(f"indices as an int takes the last n blocks, n in "
-                                 f"[1, {depth}], got {indices}")
-            wanted = list(range(depth - indices, depth))
-        else:
-            wanted = []
-            for i in indices:
-                if isinstance(i, bool) or not isinstance(i, int) or not -depth <= i < depth:
-                    raise ValueError(f"indices must be block indices in [-{depth}, {depth}), "
-                                     f"got {list(indices)!r}")
-                wanted.append(i % depth)
+        wanted = layers.select_indices(indices, len(self.blocks), "block")
         final_norm = self.norm if self.norm is not None else self.fc_norm
         maps = []
         x = self._embed(x, train=train, rngs=rngs)
@@ -247,18 +232,6 @@ _VARIANTS: dict[str, dict[str, int]] = {
         "b32": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
         "l16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
 }
-_BUILDER_ARGS = tuple(name for name in inspect.signature(VisionTransformer.__init__).parameters
-                      if name not in ("self", "rngs"))
-
-
-def _build(variant: str, rngs: nnx.Rngs, overrides: dict[str, Any]) -> VisionTransformer:
-    unknown = sorted(set(overrides) - set(_BUILDER_ARGS))
-    if unknown:
-        raise ValueError(f"unknown vit_{variant} argument(s) {unknown}; allowed: "
-                         f"{list(_BUILDER_ARGS)}")
-    return VisionTransformer(**{**_VARIANTS[variant], **overrides}, rngs=rngs)
-
-
 _PAPER = ("Dosovitskiy et al. 2021, An Image is Worth 16x16 Words: Transformers for Image "
           "Recognition at Scale (ICLR), arXiv:2010.11929")
 _REFERENCE = ("timm timm/models/vision_transformer.py (structure, names, init); "
@@ -272,43 +245,43 @@ _INPUT = {"image": ((224, 224, 3), "float32")}
 _TINY = dict(patch_size=32, embed_dim=32, depth=1, num_heads=2, num_classes=10)
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/vit.py:ti16", tiny=_TINY, paper_params=None,
-                notes="ViT-Ti/16 (width 192, depth 12, 3 heads) from DeiT (Touvron et al. 2021); "
-                      "5,717,416 params = timm vit_tiny_patch16_224. DeiT Table 1 prints '5M' "
-                      "(rounded down), so no paper count is registered.")
-def vit_ti16(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
-    return _build("ti16", rngs, overrides)
+vit_ti16 = register_variant(
+        "vit_ti16", VisionTransformer, _VARIANTS["ti16"],
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/vit.py:ti16", tiny=_TINY, paper_params=None,
+        notes="ViT-Ti/16 (width 192, depth 12, 3 heads) from DeiT (Touvron et al. 2021); "
+              "5,717,416 params = timm vit_tiny_patch16_224. DeiT Table 1 prints '5M' "
+              "(rounded down), so no paper count is registered.")
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/vit.py:s16", tiny=_TINY, paper_params=22.0,
-                notes="ViT-S/16 (width 384, depth 12, 6 heads) from DeiT (Touvron et al. 2021, "
-                      "Table 1: 22M); 22,050,664 params = timm vit_small_patch16_224.")
-def vit_s16(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
-    return _build("s16", rngs, overrides)
+vit_s16 = register_variant(
+        "vit_s16", VisionTransformer, _VARIANTS["s16"],
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/vit.py:s16", tiny=_TINY, paper_params=22.0,
+        notes="ViT-S/16 (width 384, depth 12, 6 heads) from DeiT (Touvron et al. 2021, "
+              "Table 1: 22M); 22,050,664 params = timm vit_small_patch16_224.")
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/vit.py:b16", tiny=_TINY, paper_params=86.0,
-                notes="ViT-B/16, paper Table 1 (86M); 86,567,656 params = timm "
-                      "vit_base_patch16_224.")
-def vit_b16(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
-    return _build("b16", rngs, overrides)
+vit_b16 = register_variant(
+        "vit_b16", VisionTransformer, _VARIANTS["b16"],
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/vit.py:b16", tiny=_TINY, paper_params=86.0,
+        notes="ViT-B/16, paper Table 1 (86M); 86,567,656 params = timm "
+              "vit_base_patch16_224.")
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/vit.py:b32", tiny=_TINY, paper_params=None,
-                notes="ViT-B/32: 88,224,232 params = timm vit_base_patch32_224. The paper's "
-                      "86M for ViT-Base does not include the larger 32x32 patch embedding, so "
-                      "no paper count is registered.")
-def vit_b32(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
-    return _build("b32", rngs, overrides)
+vit_b32 = register_variant(
+        "vit_b32", VisionTransformer, _VARIANTS["b32"],
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/vit.py:b32", tiny=_TINY, paper_params=None,
+        notes="ViT-B/32: 88,224,232 params = timm vit_base_patch32_224. The paper's "
+              "86M for ViT-Base does not include the larger 32x32 patch embedding, so "
+              "no paper count is registered.")
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/vit.py:l16", tiny=_TINY, paper_params=307.0,
-                notes="ViT-L/16, paper Table 1 (307M); 304,326,632 params = timm "
-                      "vit_large_patch16_224.")
-def vit_l16(*, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
-    return _build("l16", rngs, overrides)
+vit_l16 = register_variant(
+        "vit_l16", VisionTransformer, _VARIANTS["l16"],
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/vit.py:l16", tiny=_TINY, paper_params=307.0,
+        notes="ViT-L/16, paper Table 1 (307M); 304,326,632 params = timm "
+              "vit_large_patch16_224.")

@@ -42,7 +42,6 @@ window_size even for maps smaller than it (padding, as the reference), not Swin'
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import jax
@@ -55,19 +54,9 @@ from kernels_pallas import sharding
 from kernels_pallas.grid_sample import grid_sample
 from zoo import axes, layers, swin
 from zoo.axes import with_axes
-from zoo.registry import register_model
+from zoo.registry import register_variant, variant_builder
 
 LEAKY_SLOPE = 0.01  # torch nn.LeakyReLU default, as in the reference regressor
-
-
-def _torch_uniform(fan_in: int):
-    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Conv2d weight and bias init."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def window_geometry(padded_height: int, padded_width: int, window: int):
@@ -207,7 +196,7 @@ class DepthwiseConv(nnx.Module):
 
     def __init__(self, dim: int, kernel_size: int, *, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs):
-        init = _torch_uniform(kernel_size * kernel_size)  # fan_in = 1 channel * k * k
+        init = layers.torch_uniform(kernel_size * kernel_size)  # fan_in = 1 channel * k * k
         self.kernel = nnx.Param(with_axes(init, (None, None, None, "conv_out"))(
                 rngs.params(), (kernel_size, kernel_size, 1, dim), param_dtype))
         self.bias = nnx.Param(with_axes(init, ("conv_out",))(rngs.params(), (dim,),
@@ -268,15 +257,10 @@ class VSABlock(nnx.Module):
         return axes.constrain(x, axes.MAPS)
 
 
-MODEL_ARGS = tuple(a for a in swin.MODEL_ARGS if a != "block_factory")
-
-
-def vsa_swin(*, rngs: nnx.Rngs, **kwargs) -> swin.SwinTransformer:
-    """A Swin skeleton (any zoo.swin.SwinTransformer arguments) with VSA blocks."""
-    unknown = sorted(set(kwargs) - set(MODEL_ARGS))
-    if unknown:
-        raise ValueError(f"unknown VSA-Swin argument(s) {unknown}; allowed: {list(MODEL_ARGS)}")
-    return swin.SwinTransformer(**kwargs, block_factory=VSABlock, rngs=rngs)
+# A Swin skeleton of any geometry (zoo.swin.SwinTransformer arguments) with VSA blocks; the
+# QFormer converter builds checkpoints' own sizes through it.
+vsa_swin = variant_builder("vsa_swin", swin.SwinTransformer, fixed=dict(block_factory=VSABlock))
+MODEL_ARGS = vsa_swin.arguments
 
 
 def _overhead(embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
@@ -300,12 +284,12 @@ _TINY = dict(image_size=56, embed_dim=16, depths=(2, 1), num_heads=(2, 4), num_c
 _TINY_INPUT = {"image": ((56, 56, 3), "float32")}
 
 
-@register_model(paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-                config="configs/vsa.py:vsa_swin_t", tiny=_TINY, tiny_input=_TINY_INPUT,
-                paper_params=28.78, paper_params_tolerance=0.01,
-                notes=f"Swin-T + VSA in every block (no shifted windows): 28,288,354 (Swin-T) + "
-                      f"{_overhead(**_SWIN_T):,} (position convs and window regressors). The "
-                      f"paper's table value is unverified here; 28.78M is the count of the "
-                      f"official QFormer module.")
-def vsa_swin_t(*, rngs: nnx.Rngs, **overrides) -> swin.SwinTransformer:
-    return vsa_swin(rngs=rngs, **{**_SWIN_T, **overrides})
+vsa_swin_t = register_variant(
+        "vsa_swin_t", swin.SwinTransformer, _SWIN_T, fixed=dict(block_factory=VSABlock),
+        paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
+        config="configs/vsa.py:vsa_swin_t", tiny=_TINY, tiny_input=_TINY_INPUT,
+        paper_params=28.78, paper_params_tolerance=0.01,
+        notes=f"Swin-T + VSA in every block (no shifted windows): 28,288,354 (Swin-T) + "
+              f"{_overhead(**_SWIN_T):,} (position convs and window regressors). The "
+              f"paper's table value is unverified here; 28.78M is the count of the "
+              f"official QFormer module.")

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import zoo
-from zoo import mae, nvist
+from zoo import layers, nvist
 from zoo.tasks import novel_view_synthesis as multiview
 
 
@@ -28,7 +28,7 @@ def test_reference_parameter_counts():
 
 
 def test_mae_sincos_code_matches_the_formula():
-    code = mae.sincos_2d(3, 2, 8)
+    code = layers.sincos_2d(3, 2, 8, mae_frequencies=True, cls_token=True)
     assert code.shape == (7, 8) and not code[0].any()
     omega = 1.0 / 10000 ** (np.arange(2) / 2.0)
     row, col = 2, 1  # token 2 * 2 + 1 = 5 -> row 5 after the cls row

@@ -272,6 +272,11 @@ def test_intermediates_and_bf16():
     assert [m.shape for m in maps] == [(2, 16, 16, 8), (2, 8, 8, 16)]
     np.testing.assert_allclose(np.asarray(features), np.asarray(model.forward_features(x)),
                                atol=1e-6)
+    _, last_normed = model.forward_intermediates(x, indices=[-1], norm=True)
+    assert len(last_normed) == 1
+    np.testing.assert_allclose(np.asarray(last_normed[0]), np.asarray(features), atol=1e-6)
+    with pytest.raises(ValueError, match="stage indices"):
+        model.forward_intermediates(x, indices=[2])
     logits = model(x)
     model_bf16 = swin_lib.SwinTransformer(**SMALL, dtype="bfloat16", rngs=nnx.Rngs(0))
     logits_bf16 = model_bf16(x)

@@ -277,13 +277,13 @@ def test_dropout_and_drop_path_use_call_time_rngs():
     assert not np.array_equal(train_mode(jax.random.key(1))[0], paths)
 
 
-def test_sincos_pos_embed_2d():
-    table = layers.sincos_pos_embed_2d(3, 4, 16)
-    assert table.shape == (12, 16) and table.dtype == jnp.float32
+def test_sincos_2d():
+    table = layers.sincos_2d(3, 4, 16)
+    assert table.shape == (12, 16) and table.dtype == np.float32
     # Row 0 is position (0, 0): sines 0, cosines 1.
     np.testing.assert_allclose(table[0], np.tile(np.repeat([0.0, 1.0], 4), 2), atol=1e-7)
     # Rows in raster order: row 5 is (y=1, x=1); its x and y halves agree.
     np.testing.assert_allclose(table[5, :8], table[5, 8:], atol=1e-7)
     assert len({tuple(np.round(np.asarray(r), 6)) for r in table}) == 12
     with pytest.raises(ValueError, match="multiple of 4"):
-        layers.sincos_pos_embed_2d(3, 4, 18)
+        layers.sincos_2d(3, 4, 18)

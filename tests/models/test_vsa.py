@@ -144,7 +144,7 @@ def test_param_count_and_card():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="dim \\(30\\) must be divisible by num_heads"):
         vsa.VSAAttention(30, 4, 7, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="unknown VSA-Swin argument"):
+    with pytest.raises(ValueError, match="unknown vsa_swin_t argument"):
         zoo.create_model("vsa_swin_t", shift=True, abstract=True)
     attn = vsa.VSAAttention(16, 2, 4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"expects \[B, H, W, 16\]"):
