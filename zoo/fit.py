@@ -312,7 +312,7 @@ class _FITBase(nnx.Module):
 
 
 def _image_geometry(image_size, patch_size, num_groups):
-    height, width = layers._pair(image_size, "image_size")
+    height, width = layers.int_pair(image_size, "image_size")
     patch = layers.check_positive_int(patch_size, "patch_size")
     side = math.isqrt(layers.check_positive_int(num_groups, "num_groups"))
     if side * side != num_groups:

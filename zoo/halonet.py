@@ -51,13 +51,11 @@ conv weights [out, in, kh, kw] load as [kh, kw, in, out], with no channel permut
 """
 from __future__ import annotations
 
-import functools
 import numbers
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from kernels_pallas import halo as halo_ops
@@ -65,7 +63,6 @@ from zoo import axes, layers
 from zoo.axes import with_axes
 from zoo.registry import model_arguments, register_variant
 
-CONV_AXES = (None, None, "conv_in", "conv_out")
 # The attention's 1x1 convs are Megatron-style under tensor parallelism: q/kv split their output
 # channels by head (column parallel), conv3 its input channels (row parallel, one all-reduce).
 HEADS_OUT_AXES = (None, None, "conv_in", "heads")
@@ -85,146 +82,22 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisation. timm's ByobNet: convs N(0, 2 / fan_out) (He, fan-out, not truncated), the
-# classifier N(0, 0.01^2), BN scale 1 (0 for each block's last BN), bias 0; HaloAttn: q and kv
-# std fan_in^-0.5, relative tables std dk^-0.5 (timm's trunc_normal_ cuts at +-2 absolute,
-# many standard deviations away: untruncated in practice).
-#
-# All random weights of a HaloNet come from ONE jitted call (`_draw_normals`) and constants
-# from NumPy: eagerly, every distinct shape drawn separately costs an XLA compilation (about
-# 0.1-1 s each on a CPU, dozens per model), and inside `nnx.eval_shape` every `nnx.Rngs` draw
-# costs time proportional to the trace length (flax 0.12.8). Layers therefore take their
-# initial values as arrays instead of drawing them.
+# Initialisation (timm's ByobNet): convs N(0, 2 / fan_out) (He, fan-out, not truncated:
+# `layers.HE_FAN_OUT_INIT`), the classifier N(0, 0.01^2), BN scale 1 (0 for each block's last
+# BN), bias 0; HaloAttn: q and kv std fan_in^-0.5, relative tables std dk^-0.5 (timm's
+# trunc_normal_ cuts at +-2 absolute, many standard deviations away: untruncated in practice).
 # ---------------------------------------------------------------------------------------------
 
-WeightSpec = tuple[tuple[int, ...], float]  # (shape, standard deviation)
-
-
-def _conv_spec(kernel_size: int, in_channels: int, out_channels: int) -> WeightSpec:
-    fan_out = kernel_size * kernel_size * out_channels
-    return (kernel_size, kernel_size, in_channels, out_channels), (2.0 / fan_out) ** 0.5
-
-
-@functools.partial(jax.jit, static_argnames="specs")
-def _draw_normals(key: jax.Array, specs: tuple[WeightSpec, ...]) -> tuple[jax.Array, ...]:
-    # One draw cut into pieces: each separate normal() adds a PRNG kernel to compile.
-    sizes = [int(np.prod(shape)) for shape, _ in specs]
-    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
-    offsets = np.cumsum([0] + sizes)
-    return tuple(std * flat[start:start + size].reshape(shape)
-                 for start, size, (shape, std) in zip(offsets, sizes, specs))
-
-
-def _given(value) -> Any:
-    """An initializer that returns `value`, so parameters still go through `with_axes`."""
-
-    def init(key, shape, dtype=jnp.float32):
-        del key
-        if tuple(shape) != tuple(value.shape):
-            raise ValueError(f"initial value of shape {tuple(value.shape)} cannot fill a "
-                             f"parameter of shape {tuple(shape)}")
-        return value if value.dtype == dtype else value.astype(dtype)
-
-    return init
-
-
-def _param(value, axes: Sequence[str | None], dtype) -> nnx.Param:
-    return nnx.Param(with_axes(_given(value), axes)(None, tuple(value.shape), dtype))
-
-
-def _constant(features: int, fill: float, dtype) -> jax.Array:
-    # Host-side constant: a device_put, no XLA compilation.
-    return jnp.asarray(np.full((features,), fill, np.float32), dtype=dtype)
-
-
-class BatchNorm(nnx.Module):
-    """BatchNorm over the channel (last) axis with torch's `BatchNorm2d` semantics.
-
-    eps 1e-5; running statistics move 10% towards each training batch (torch momentum 0.1),
-    and the running variance takes the unbiased batch variance, as torch does, so statistics
-    trained here and in timm evolve identically. Statistics are computed in float32 and the
-    output is cast to `dtype`. Running mean/var are `nnx.BatchStat` state. (`nnx.BatchNorm`
-    differs in the running variance and draws random keys for its constant initialisers.)
-    """
-
-    def __init__(self, features: int, *, zero_scale: bool = False, momentum: float = 0.1,
-                 eps: float = 1e-5, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
-        self.scale = _param(_constant(features, 0.0 if zero_scale else 1.0, param_dtype),
-                            ("norm",), param_dtype)
-        self.bias = _param(_constant(features, 0.0, param_dtype), ("norm",), param_dtype)
-        self.mean = nnx.BatchStat(_constant(features, 0.0, jnp.float32))
-        self.var = nnx.BatchStat(_constant(features, 1.0, jnp.float32))
-        self.momentum, self.eps, self.dtype = momentum, eps, dtype
-
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axis=axes)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-            count = x.size // x.shape[-1]
-            unbiased = var * (count / max(count - 1, 1))
-            self.mean[...] = (1 - self.momentum) * self.mean[...] + self.momentum * mean
-            self.var[...] = (1 - self.momentum) * self.var[...] + self.momentum * unbiased
-        else:
-            mean, var = self.mean[...], self.var[...]
-        scale = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
-        y = (x32 - mean) * scale + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
-
-
-class Conv2d(nnx.Module):
-    """k x k convolution on NHWC maps, kernel [k, k, in, out] given as its initial value;
-    torch's symmetric (k - 1) // 2 padding, so strided convs sample the same pixels as timm."""
-
-    def __init__(self, kernel: jax.Array, stride: int = 1, *, use_bias: bool = False,
-                 axes: Sequence[str | None] = CONV_AXES, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32):
-        kernel_size, _, _, out_channels = kernel.shape
-        self.kernel = _param(kernel, axes, param_dtype)
-        self.bias = (_param(_constant(out_channels, 0.0, param_dtype), axes[-1:],
-                            param_dtype) if use_bias else None)
-        pad = (kernel_size - 1) // 2
-        self.padding = ((pad, pad), (pad, pad))
-        self.stride = stride
-        self.dtype = dtype
-        self.axes = tuple(axes)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # The kernel gathered over FSDP explicitly: otherwise XLA may split the conv by
-        # output channels over fsdp and all-gather the batch-split map instead.
-        y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype),
-                layers.gathered(self.kernel[...].astype(self.dtype), self.axes),
-                window_strides=(self.stride, self.stride), padding=self.padding,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
-
-
-class ConvBN(nnx.Module):
-    """Convolution without bias, BatchNorm, optional ReLU (timm's ConvNormAct)."""
-
-    def __init__(self, kernel: jax.Array, stride: int = 1, *, act: bool = True,
-                 zero_init_scale: bool = False, axes: Sequence[str | None] = CONV_AXES,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
-        self.conv = Conv2d(kernel, stride, axes=axes, dtype=dtype, param_dtype=param_dtype)
-        self.bn = BatchNorm(kernel.shape[-1], zero_scale=zero_init_scale, dtype=dtype,
-                            param_dtype=param_dtype)
-        self.act = act
-
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        x = self.bn(self.conv(x), train=train)
-        return jax.nn.relu(x) if self.act else x
+_QKV_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
+_HEAD_INIT = nnx.initializers.normal(0.01)
 
 
 class HaloAttention(nnx.Module):
     """timm's `HaloAttn` on NHWC maps: q and kv 1x1 convs, then `kernels_pallas.halo_attention`.
 
     Args:
-        weights: initial values "q" [1, 1, dim, heads*dk], "kv" [1, 1, dim, heads*(dk+dv)],
-            "height_rel" and "width_rel" [2*(b+2h)-1, dk] (see `HaloBlock.weight_specs`).
+        dim: input width, also the query/key width (heads * dk).
+        value_dim: value/output width (heads * dv).
         num_heads, block_size, halo_size, stride: see `kernels_pallas.halo`.
         qkv_bias: biases on the q and kv convs (timm default False).
         avg_down: down-sample by average pooling even when the block splits by the stride.
@@ -232,27 +105,29 @@ class HaloAttention(nnx.Module):
         attn_impl: `halo_attention` implementation.
     """
 
-    def __init__(self, weights: Mapping[str, jax.Array], *, num_heads: int, block_size: int,
+    def __init__(self, dim: int, *, value_dim: int, num_heads: int, block_size: int,
                  halo_size: int, stride: int = 1, qkv_bias: bool = False,
                  avg_down: bool = False, scale_relative: bool = False,
                  attn_impl: str = "auto", dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32):
-        qk_dim = weights["q"].shape[-1]
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.num_heads = num_heads
-        self.head_dim = qk_dim // num_heads
-        self.value_head_dim = (weights["kv"].shape[-1] - qk_dim) // num_heads
+        self.head_dim = dim // num_heads
+        self.value_head_dim = value_dim // num_heads
         self.block_size, self.halo_size, self.stride = block_size, halo_size, stride
         self.avg_down, self.scale_relative, self.attn_impl = avg_down, scale_relative, attn_impl
         self.scale = self.head_dim ** -0.5
         self.dtype = dtype
-        common = dict(use_bias=qkv_bias, axes=HEADS_OUT_AXES, dtype=dtype,
-                      param_dtype=param_dtype)
+        common = dict(use_bias=qkv_bias, kernel_init=_QKV_INIT, axes=HEADS_OUT_AXES,
+                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # A strided 1x1 conv == the 1x1 conv of x[::s, ::s]: timm's strided query projection.
-        self.q = Conv2d(weights["q"], halo_ops.query_stride(block_size, stride, avg_down),
-                        **common)
-        self.kv = Conv2d(weights["kv"], **common)
-        self.height_rel = _param(weights["height_rel"], ("pos", "kv"), param_dtype)
-        self.width_rel = _param(weights["width_rel"], ("pos", "kv"), param_dtype)
+        self.q = layers.Conv2d(dim, dim, 1, halo_ops.query_stride(block_size, stride, avg_down),
+                               **common)
+        # Per-head interleaved [k_h | v_h] output channels (timm's layout).
+        self.kv = layers.Conv2d(dim, dim + value_dim, 1, **common)
+        rows = 2 * (block_size + 2 * halo_size) - 1
+        rel_init = with_axes(nnx.initializers.normal(self.head_dim ** -0.5), ("pos", "kv"))
+        self.height_rel = nnx.Param(rel_init(rngs.params(), (rows, self.head_dim), param_dtype))
+        self.width_rel = nnx.Param(rel_init(rngs.params(), (rows, self.head_dim), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, _ = x.shape
@@ -273,45 +148,27 @@ class HaloAttention(nnx.Module):
 
 
 class HaloBlock(nnx.Module):
-    """Bottleneck with halo attention in place of the 3x3 conv (timm's SelfAttnBlock).
+    """Bottleneck with halo attention in place of the 3x3 conv (timm's SelfAttnBlock)."""
 
-    `weights` holds the initial values named in `weight_specs` (same arguments).
-    """
-
-    @staticmethod
-    def weight_specs(in_channels: int, out_channels: int, *, mid_channels: int,
-                     value_channels: int, stride: int, num_heads: int, block_size: int,
-                     halo_size: int) -> dict[str, WeightSpec]:
-        head_dim = mid_channels // num_heads
-        win = block_size + 2 * halo_size
-        specs = {
-                "conv1": _conv_spec(1, in_channels, mid_channels),
-                "q": ((1, 1, mid_channels, mid_channels), mid_channels ** -0.5),
-                "kv": ((1, 1, mid_channels, mid_channels + value_channels),
-                       mid_channels ** -0.5),
-                "height_rel": ((2 * win - 1, head_dim), head_dim ** -0.5),
-                "width_rel": ((2 * win - 1, head_dim), head_dim ** -0.5),
-                "conv3": _conv_spec(1, value_channels, out_channels),
-        }
-        if in_channels != out_channels or stride != 1:
-            specs["shortcut"] = _conv_spec(1, in_channels, out_channels)
-        return specs
-
-    def __init__(self, weights: Mapping[str, jax.Array], *, stride: int, num_heads: int,
-                 block_size: int, halo_size: int, qkv_bias: bool, avg_down: bool,
-                 scale_relative: bool, zero_init_last: bool, drop_path_rate: float,
-                 attn_impl: str, dtype: Any, param_dtype: Any):
+    def __init__(self, in_channels: int, out_channels: int, *, mid_channels: int,
+                 value_channels: int, stride: int, num_heads: int, block_size: int,
+                 halo_size: int, qkv_bias: bool, avg_down: bool, scale_relative: bool,
+                 zero_init_last: bool, drop_path_rate: float, attn_impl: str, dtype: Any,
+                 param_dtype: Any, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype)
-        self.shortcut = (ConvBN(weights["shortcut"], stride, act=False, **common)
-                         if "shortcut" in weights else None)
-        self.conv1 = ConvBN(weights["conv1"], **common)
-        self.attn = HaloAttention(weights, num_heads=num_heads, block_size=block_size,
-                                  halo_size=halo_size, stride=stride, qkv_bias=qkv_bias,
-                                  avg_down=avg_down, scale_relative=scale_relative,
-                                  attn_impl=attn_impl, **common)
-        self.post_attn = BatchNorm(weights["kv"].shape[-1] - weights["q"].shape[-1], **common)
-        self.conv3 = ConvBN(weights["conv3"], act=False, zero_init_scale=zero_init_last,
-                            axes=HEADS_IN_AXES, **common)
+        self.shortcut = (layers.ConvBN(in_channels, out_channels, 1, stride, act=False,
+                                       rngs=rngs, **common)
+                         if in_channels != out_channels or stride != 1 else None)
+        self.conv1 = layers.ConvBN(in_channels, mid_channels, 1, rngs=rngs, **common)
+        self.attn = HaloAttention(mid_channels, value_dim=value_channels, num_heads=num_heads,
+                                  block_size=block_size, halo_size=halo_size, stride=stride,
+                                  qkv_bias=qkv_bias, avg_down=avg_down,
+                                  scale_relative=scale_relative, attn_impl=attn_impl,
+                                  rngs=rngs, **common)
+        self.post_attn = layers.BatchNorm(value_channels, **common)
+        self.conv3 = layers.ConvBN(value_channels, out_channels, 1, act=False,
+                                   zero_init_scale=zero_init_last, axes=HEADS_IN_AXES,
+                                   rngs=rngs, **common)
         self.drop_path = layers.DropPath(drop_path_rate)
 
     def __call__(self, x: jax.Array, *, train: bool = False,
@@ -321,12 +178,6 @@ class HaloBlock(nnx.Module):
         y = jax.nn.relu(self.post_attn(self.attn(y), train=train))
         y = self.drop_path(self.conv3(y, train=train), train=train, rngs=rngs)
         return axes.constrain(jax.nn.relu(y + shortcut), axes.MAPS)
-
-
-def _image_hw(image_size) -> tuple[int, int]:
-    if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
-        image_size = (image_size, image_size)
-    return layers.int_tuple("image_size", image_size, 2)
 
 
 def valid_image_multiple(*, block_size: int, num_stages: int) -> int:
@@ -406,7 +257,7 @@ class HaloNet(nnx.Module):
                              f"{attn_impl!r}")
         self.image_multiple = valid_image_multiple(block_size=block_size,
                                                    num_stages=num_stages)
-        self.image_size = _image_hw(image_size)
+        self.image_size = layers.int_pair(image_size, "image_size")
         self._check_image_size(self.image_size, "image_size")
         self.dtype = layers.canonical_dtype(dtype)
         param_dtype = layers.canonical_dtype(param_dtype, "param_dtype")
@@ -414,49 +265,29 @@ class HaloNet(nnx.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
 
-        # Plan every block, collect the shapes of all random weights, draw them in one call.
+        self.stem = layers.ConvBN(in_chans, stem_width, 7, 2, rngs=rngs, **common)
         total_blocks = sum(depths)
-        plans = []
-        in_channels = stem_width
+        stages, in_channels, index = [], stem_width, 0
         for i, depth in enumerate(depths):
+            blocks = []
             for j in range(depth):
-                plans.append(dict(stage=i, in_channels=in_channels, out_channels=stage_widths[i],
-                                  mid_channels=mid_widths[i], value_channels=value_widths[i],
-                                  stride=2 if i > 0 and j == 0 else 1, num_heads=heads[i]))
-                in_channels = stage_widths[i]
+                blocks.append(HaloBlock(
+                        in_channels, stage_widths[i], mid_channels=mid_widths[i],
+                        value_channels=value_widths[i], stride=2 if i > 0 and j == 0 else 1,
+                        num_heads=heads[i], block_size=block_size, halo_size=halo_size,
+                        qkv_bias=qkv_bias, avg_down=avg_down, scale_relative=scale_relative,
+                        zero_init_last=zero_init_last,
+                        drop_path_rate=drop_path_rate * index / max(total_blocks - 1, 1),
+                        attn_impl=attn_impl, rngs=rngs, **common))
+                in_channels, index = stage_widths[i], index + 1
+            stages.append(nnx.List(blocks))
+        self.stages = nnx.List(stages)
         self.num_features = final_features or in_channels
-        specs = {"stem": _conv_spec(7, in_chans, stem_width)}
-        for index, plan in enumerate(plans):
-            block_specs = HaloBlock.weight_specs(
-                    plan["in_channels"], plan["out_channels"],
-                    mid_channels=plan["mid_channels"], value_channels=plan["value_channels"],
-                    stride=plan["stride"], num_heads=plan["num_heads"],
-                    block_size=block_size, halo_size=halo_size)
-            specs.update({(index, name): spec for name, spec in block_specs.items()})
-        if final_features:
-            specs["final_conv"] = _conv_spec(1, in_channels, final_features)
-        if num_classes:
-            specs["head"] = ((self.num_features, num_classes), 0.01)
-        values = dict(zip(specs, _draw_normals(rngs.params(), tuple(specs.values()))))
-
-        self.stem = ConvBN(values["stem"], 2, **common)
-        stages = [[] for _ in depths]
-        for index, plan in enumerate(plans):
-            weights = {key[1]: value for key, value in values.items()
-                       if isinstance(key, tuple) and key[0] == index}
-            stages[plan["stage"]].append(HaloBlock(
-                    weights, stride=plan["stride"], num_heads=plan["num_heads"],
-                    block_size=block_size, halo_size=halo_size, qkv_bias=qkv_bias,
-                    avg_down=avg_down, scale_relative=scale_relative,
-                    zero_init_last=zero_init_last,
-                    drop_path_rate=drop_path_rate * index / max(total_blocks - 1, 1),
-                    attn_impl=attn_impl, **common))
-        self.stages = nnx.List([nnx.List(blocks) for blocks in stages])
-        self.final_conv = ConvBN(values["final_conv"], **common) if final_features else None
+        self.final_conv = (layers.ConvBN(in_channels, final_features, 1, rngs=rngs, **common)
+                           if final_features else None)
         self.head = (layers.Linear(self.num_features, num_classes, axes=("embed", "classes"),
-                                   kernel_init=_given(values["head"]),
-                                   bias_init=_given(_constant(num_classes, 0.0, jnp.float32)),
-                                   dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+                                   kernel_init=_HEAD_INIT, dtype=self.dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
                      if num_classes else None)
 
     def _check_image_size(self, hw: tuple[int, int], name: str) -> None:

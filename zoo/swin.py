@@ -45,22 +45,12 @@ from zoo.registry import model_arguments, register_variant
 SWIN_NORM_EPS = 1e-5  # timm Swin uses torch's nn.LayerNorm default
 
 
-def _window_pair(window: Any, name: str = "window") -> tuple[int, int]:
-    if isinstance(window, (tuple, list)):
-        if len(window) != 2:
-            raise ValueError(f"{name} must be an int or a (height, width) pair, got {window!r}")
-        return (layers.check_positive_int(window[0], name),
-                layers.check_positive_int(window[1], name))
-    size = layers.check_positive_int(window, name)
-    return size, size
-
-
 def window_partition(x: jax.Array, window: int | Sequence[int]) -> jax.Array:
     """[B, H, W, C] -> [B * nW, wh * ww, C]: windows in raster order, batch-major.
 
     H and W must be multiples of the window sides.
     """
-    wh, ww = _window_pair(window)
+    wh, ww = layers.int_pair(window, "window")
     if x.ndim != 4:
         raise ValueError(f"window_partition expects [B, H, W, C], got shape {x.shape}")
     batch, height, width, channels = x.shape
@@ -74,7 +64,7 @@ def window_partition(x: jax.Array, window: int | Sequence[int]) -> jax.Array:
 def window_reverse(windows: jax.Array, window: int | Sequence[int], height: int,
                    width: int) -> jax.Array:
     """Inverse of `window_partition`: [B * nW, wh * ww, C] -> [B, height, width, C]."""
-    wh, ww = _window_pair(window)
+    wh, ww = layers.int_pair(window, "window")
     if height % wh or width % ww:
         raise ValueError(f"feature map {height}x{width} is not divisible by the window "
                          f"{wh}x{ww}")
@@ -93,7 +83,7 @@ def relative_position_index(window: int | Sequence[int]) -> np.ndarray:
     Entry (i, j) encodes the offset of token i from token j (row offset major), as timm's
     `get_relative_position_index`.
     """
-    wh, ww = _window_pair(window)
+    wh, ww = layers.int_pair(window, "window")
     rows, cols = np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")
     rows, cols = rows.reshape(-1), cols.reshape(-1)
     delta_rows = rows[:, None] - rows[None, :] + (wh - 1)
@@ -108,7 +98,7 @@ def shift_region_labels(height: int, width: int, window: int | Sequence[int],
     timm labels the (up to) 3 x 3 regions of the map that a cyclic shift by -shift brings
     together; two tokens of a window may attend to each other only with equal labels.
     """
-    wh, ww = _window_pair(window)
+    wh, ww = layers.int_pair(window, "window")
     sh, sw = (shift, shift) if isinstance(shift, numbers.Integral) else tuple(shift)
     labels = np.zeros((height, width), np.int32)
     row_bands = (slice(0, height - wh), slice(height - wh, height - sh), slice(height - sh, None))
@@ -184,7 +174,7 @@ def clamp_window_and_shift(input_resolution: Sequence[int], window_size: int | S
                            shift_size: int | Sequence[int]
                            ) -> tuple[tuple[int, int], tuple[int, int]]:
     """timm's rule: a map side <= the window becomes the window and is not shifted."""
-    wh, ww = _window_pair(window_size, "window_size")
+    wh, ww = layers.int_pair(window_size, "window_size")
     if isinstance(shift_size, numbers.Integral):
         shift_size = (shift_size, shift_size)
     window = tuple(r if r <= w else w for r, w in zip(input_resolution, (wh, ww)))
@@ -205,7 +195,7 @@ class WindowAttention(layers.Attention):
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl,
                          proj_drop=proj_drop, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.window_size = _window_pair(window_size, "window_size")
+        self.window_size = layers.int_pair(window_size, "window_size")
         wh, ww = self.window_size
         table_rows = (2 * wh - 1) * (2 * ww - 1)
         self.relative_position_bias_table = nnx.Param(
@@ -376,7 +366,7 @@ class SwinTransformer(nnx.Module):
         patch_size = layers.check_positive_int(patch_size, "patch_size")
         drop_path_rate = layers.check_rate(drop_path_rate, "drop_path_rate")
         self.drop_rate = layers.check_rate(drop_rate, "drop_rate")
-        height, width = layers._pair(image_size, "image_size")
+        height, width = layers.int_pair(image_size, "image_size")
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         for dim, heads in zip(dims, num_heads):
             if dim % heads:

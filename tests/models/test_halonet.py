@@ -23,7 +23,7 @@ from flax import nnx
 import zoo
 import zoo.halonet  # noqa: F401  (registers the variants until zoo/registry.py lists it)
 from kernels_pallas import halo
-from zoo import convert
+from zoo import convert, layers
 from zoo import halonet as halonet_lib
 from zoo.axes import LOGICAL_AXES
 
@@ -234,7 +234,7 @@ def test_logical_axes_on_all_params(small_model):
         elif path[-1] == "kernel" and "conv3" in path:  # row-parallel by head
             assert axes == halonet_lib.HEADS_IN_AXES, f"{name}: {axes}"
         elif path[-1] == "kernel":
-            assert axes == halonet_lib.CONV_AXES, f"{name}: {axes}"
+            assert axes == layers.CONV_AXES, f"{name}: {axes}"
         elif path[-1] == "bias":
             assert axes == ("norm",), f"{name}: {axes}"
         else:
@@ -242,7 +242,7 @@ def test_logical_axes_on_all_params(small_model):
 
 
 def test_batch_norm_train_and_eval_follow_torch():
-    bn = halonet_lib.BatchNorm(3)
+    bn = layers.BatchNorm(3)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 5, 5, 3)) * 2 + 1, jnp.float32)
     y = bn(x, train=True)
     flat = np.asarray(x).reshape(-1, 3)

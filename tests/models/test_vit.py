@@ -1,4 +1,4 @@
-"""ViT (zoo/vit.py) and the shared layers it is built from (zoo/layers.py).
+"""ViT (zoo/vit.py) and the shared layers it is built from (zoo/layers/).
 
 Checks: parameter counts equal timm's (by formula and by abstract build), the intermediates API,
 argument validation, the sigmoid-attention switch, bf16 compute with f32 params, model cards and

@@ -6,24 +6,24 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from zoo import halonet as halonet_lib
+from zoo import halonet as halonet_lib, layers
 from zoo.converters.common import StateDictReader, assign, build_abstract, check_all_set
 
 
-def _load_conv(conv: halonet_lib.Conv2d, reader: StateDictReader, prefix: str) -> None:
+def _load_conv(conv: layers.Conv2d, reader: StateDictReader, prefix: str) -> None:
     # torch [out, in, kh, kw] -> [kh, kw, in, out]
     assign(conv.kernel, reader.get(f"{prefix}.weight").transpose(2, 3, 1, 0), prefix)
     if conv.bias is not None:
         assign(conv.bias, reader.get(f"{prefix}.bias"), prefix)
 
 
-def _load_batch_norm(bn: halonet_lib.BatchNorm, reader: StateDictReader, prefix: str) -> None:
+def _load_batch_norm(bn: layers.BatchNorm, reader: StateDictReader, prefix: str) -> None:
     for ours, theirs in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
                          ("var", "running_var")):
         assign(getattr(bn, ours), reader.get(f"{prefix}.{theirs}"), f"{prefix}.{theirs}")
 
 
-def _load_conv_bn(module: halonet_lib.ConvBN, reader: StateDictReader, prefix: str) -> None:
+def _load_conv_bn(module: layers.ConvBN, reader: StateDictReader, prefix: str) -> None:
     _load_conv(module.conv, reader, f"{prefix}.conv")
     _load_batch_norm(module.bn, reader, f"{prefix}.bn")
 
