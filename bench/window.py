@@ -31,7 +31,7 @@ import kernels_pallas  # noqa: E402
 from bench.timing import compile_and_time, mib  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from zoo import swin, vsa  # noqa: E402
+from zoo import swin, vsa, windows  # noqa: E402
 
 WINDOW = 7
 # (label, map side, heads): Swin-T at 224 px, head width 32.
@@ -52,13 +52,13 @@ def make_inputs(batch, side, heads, dtype, seed=0):
 
 
 def bias_from_table(table):
-    index = swin.relative_position_index(WINDOW)
+    index = windows.relative_position_index(WINDOW)
     return jnp.transpose(table[index.reshape(-1)].reshape(*index.shape, -1), (2, 0, 1))[None]
 
 
 def ours(side, impl):
     shifted = side > WINDOW
-    labels = (swin.shift_region_labels(side, side, WINDOW, WINDOW // 2) if shifted else None)
+    labels = (windows.shift_region_labels(side, side, WINDOW, WINDOW // 2) if shifted else None)
 
     def forward(q, k, v, table):
         segments = None
@@ -73,7 +73,7 @@ def ours(side, impl):
 
 def xla_timm(side):
     shifted = side > WINDOW
-    mask = (swin.shift_attention_mask(side, side, WINDOW, WINDOW // 2) if shifted else None)
+    mask = (windows.shift_attention_mask(side, side, WINDOW, WINDOW // 2) if shifted else None)
 
     def forward(q, k, v, table):
         windows, n, heads, d = q.shape
@@ -159,10 +159,10 @@ def main() -> None:
 def window_layer(attn, x, side):
     """Swin's W-MSA / SW-MSA on a map: (shift,) partition, attend, reverse (, shift back)."""
     shift = WINDOW // 2 if side > WINDOW else 0
-    labels = swin.shift_region_labels(side, side, WINDOW, shift) if shift else None
+    labels = windows.shift_region_labels(side, side, WINDOW, shift) if shift else None
     if shift:
         x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
-    out = swin.window_reverse(attn(swin.window_partition(x, WINDOW), region_labels=labels),
+    out = windows.window_reverse(attn(windows.window_partition(x, WINDOW), region_labels=labels),
                               WINDOW, side, side)
     return jnp.roll(out, (shift, shift), axis=(1, 2)) if shift else out
 

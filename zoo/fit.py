@@ -5,36 +5,8 @@ Reference: the official TF code, google-research/pix2seq `architectures/transfor
 trunk here, as in the paper: `FITEncoder` (image classification), `FITAR` (autoregressive
 language model) and `FITDenoiser` (pixel diffusion; objective and sampler in zoo/diffusion.py).
 
-Trunk. Data tokens x [B, T, n, c] in T groups of n; latents [B, T, m, d_l], initialised from a
-learned table of T*m distinct slots (trunc-normal 0.02). The layer spec `'(a)b(c)d...'` is a
-list of pairs (local layers, global layers), parsed exactly as the reference
-(`parse_layer_spec`: '(2)4(2)' -> [(2, 4), (2, 0)]). For each pair:
-  local   a layers of pre-LN self-attention + MLP inside each group;
-  read    latents of group t cross-attend to group t's tokens (only if the pair has globals);
-  global  b layers over all T*m latents;
-  write   tokens of group t cross-attend to group t's latents (not after the last pair).
-Outputs: LN(x) and LN(latents), eps 1e-6.
-
-Reference conventions kept: exact (erf) GELU; LayerNorm eps 1e-6 with scale and shift; every
-projection has a bias; Keras Glorot-uniform kernels and zero biases; learned embeddings
-trunc-normal 0.02; read/write layers are `q + MHA(LN(q), LN_kv(kv))` with no MLP,
-min(latent_heads, x_heads) heads of key width min(d_l, c) // heads, value width = key width,
-output projected back to the query width. x position embedding [n, c] is shared by all groups
-(learned, or fixed 2-D sin-cos with `x_pos_encoding="sincos"`).
-
-Attention, all through `kernels_pallas.attention`:
-  * local layers fold the groups into the batch ([B*T, n, c]): each group is a small dense
-    problem the kernel tiles on its own, where segment ids over [B, T*n] would make the kernel
-    visit (and mask) T^2 tile pairs per row of groups;
-  * read/write fold groups likewise (latents [B*T, m, d_l] vs tokens [B*T, n, c]);
-  * FIT-AR: tokens are causal within their group (`causal=True`); latents are chunk-causal
-    (full attention among a group's m latents, causal across groups) through an additive
-    block bias [T*m, T*m] (0 / -1e30), since neither plain causality nor segment ids express
-    it; and before each write the latents are shifted by one group (group t reads the latents
-    of group t-1, group 0 reads zeros), so token i never sees information from tokens >= i.
-
-Gradient checkpointing: `remat=True` wraps every local, global, read and write layer in
-`nnx.remat`, so only layer inputs are kept for the backward pass.
+Trunk: zoo/fit_trunk.py (layer spec, local/read/global/write layers, attention folding,
+chunk-causal latents for FIT-AR, gradient checkpointing).
 
 Heads:
   * FITEncoder: image [B, H, W, C] -> sqrt(T) x sqrt(T) sub-images, each cut into n
@@ -60,7 +32,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from typing import Any, Sequence
 
 import jax
@@ -69,164 +40,11 @@ from flax import nnx
 
 from zoo import axes, layers
 from zoo.axes import with_axes
+from zoo.fit_trunk import NORM_EPS, FITTrunk, parse_layer_spec, trunk_param_count
 from zoo.registry import register_variant
 
-NORM_EPS = 1e-6
 _EMBED_INIT = nnx.initializers.truncated_normal(0.02)
-_MASKED = -1e30
 X_POS_ENCODINGS = ("learned", "sincos")
-
-
-def parse_layer_spec(spec: str) -> list[tuple[int, int]]:
-    """'(local)global...' -> [(local, global), ...], as pix2seq's `get_layer_config`.
-
-    A trailing ')' gets an implicit 0 global layers; every pair but the last needs global > 0.
-    """
-    if not isinstance(spec, str):
-        raise ValueError(f"layers must be a spec string like '(2)4(2)', got {spec!r}")
-    text = spec + "0" if spec.endswith(")") else spec
-    if not re.fullmatch(r"(\(\d+\)\d+)+", text):
-        raise ValueError(f"layer_spec={spec!r} is not a FIT layer spec: expected '(local)global' "
-                         f"pairs such as '(2)4(2)' or '(1)2(1)2'")
-    pairs = [tuple(map(int, re.findall(r"\d+", block)))
-             for block in re.findall(r"\(\d+\)\d+", text)]
-    for i, (_, global_layers) in enumerate(pairs[:-1]):
-        if global_layers == 0:
-            raise ValueError(f"layer_spec={spec!r}: pair {i} has no global layers; only the last "
-                             f"pair may end without them")
-    return [(int(a), int(b)) for a, b in pairs]
-
-
-def chunk_causal_bias(num_groups: int, per_group: int) -> jax.Array:
-    """[T*m, T*m] additive bias: 0 where key group <= query group, -1e30 elsewhere."""
-    group = jnp.arange(num_groups * per_group) // per_group
-    return jnp.where(group[None, :] <= group[:, None], 0.0, _MASKED).astype(jnp.float32)
-
-
-class FITLayer(nnx.Module):
-    """Pre-LN self-attention + MLP (the reference's TransformerEncoderLayer)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, drop_path: float,
-                 dropout: float, attn_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        common = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
-        self.attn = layers.Attention(dim, num_heads, attn_impl=attn_impl, kernel_init=layers.XAVIER_INIT,
-                                     rngs=rngs, **common)
-        self.norm2 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
-        self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), drop=dropout, kernel_init=layers.XAVIER_INIT,
-                              rngs=rngs, **common)
-        self.drop_path = layers.DropPath(drop_path)
-
-    def __call__(self, x, bias=None, *, causal: bool = False, train: bool = False,
-                 rngs: nnx.Rngs | None = None):
-        y = self.attn(self.norm1(x), bias=bias, causal=causal, train=train, rngs=rngs)
-        x = x + self.drop_path(y, train=train, rngs=rngs)
-        y = self.mlp(self.norm2(x), train=train, rngs=rngs)
-        return axes.constrain(x + self.drop_path(y, train=train, rngs=rngs), axes.TOKENS)
-
-
-class CrossAttention(nnx.Module):
-    """q + MHA(LN(q), LN_kv(kv)): the read/write (and l2c) layers, no MLP."""
-
-    def __init__(self, q_dim: int, kv_dim: int, num_heads: int, key_width: int, *,
-                 attn_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        if key_width % num_heads:
-            raise ValueError(f"cross-attention key width {key_width} is not divisible by its "
-                             f"{num_heads} heads")
-        common = dict(dtype=dtype, param_dtype=param_dtype)
-        self.q_norm = layers.LayerNorm(q_dim, eps=NORM_EPS, **common)
-        self.kv_norm = layers.LayerNorm(kv_dim, eps=NORM_EPS, **common)
-        self.attn = layers.Attention(q_dim, num_heads, head_dim=key_width // num_heads,
-                                     cross_attention=True, kv_dim=kv_dim, attn_impl=attn_impl,
-                                     kernel_init=layers.XAVIER_INIT, rngs=rngs, **common)
-
-    def __call__(self, q, kv, *, train: bool = False, rngs: nnx.Rngs | None = None):
-        out = q + self.attn(self.q_norm(q), self.kv_norm(kv), train=train, rngs=rngs)
-        return axes.constrain(out, axes.TOKENS)
-
-
-def _run(layer, remat: bool, *args, train: bool, rngs, **static):
-    """layer(*args, train=..., rngs=..., **static), under nnx.remat when asked. The rngs go
-    through the transform as an argument (dropout keys advance inside it)."""
-    if not remat:
-        return layer(*args, train=train, rngs=rngs, **static)
-
-    def call(module, layer_rngs, *a):
-        return module(*a, train=train, rngs=layer_rngs, **static)
-
-    return nnx.remat(call)(layer, rngs, *args)
-
-
-class FITTrunk(nnx.Module):
-    """The interleaved local/global stack (module docstring); no embeddings, no heads."""
-
-    def __init__(self, *, layer_spec: str, num_groups: int, tokens_per_group: int,
-                 latents_per_group: int, x_dim: int, latent_dim: int, x_heads: int,
-                 latent_heads: int, mlp_ratio: float, drop_path_rate: float, dropout_rate: float,
-                 cond_attention: bool, remat: bool, attn_impl: str, dtype: Any,
-                 param_dtype: Any, rngs: nnx.Rngs):
-        self.pairs = tuple(parse_layer_spec(layer_spec))
-        self.num_groups, self.tokens_per_group = num_groups, tokens_per_group
-        self.latents_per_group = latents_per_group
-        self.x_dim, self.latent_dim = x_dim, latent_dim
-        self.remat = bool(remat)
-        for name, dim, heads in (("x_dim", x_dim, x_heads),
-                                 ("latent_dim", latent_dim, latent_heads)):
-            if dim % heads:
-                raise ValueError(f"{name} ({dim}) must be divisible by its heads ({heads})")
-        common = dict(attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        layer_args = dict(drop_path=drop_path_rate, dropout=dropout_rate, **common)
-        rw_heads, rw_width = min(latent_heads, x_heads), min(latent_dim, x_dim)
-        x_nets, reads, l_nets, writes, l2c = [], [], [], [], []
-        for i, (local, global_) in enumerate(self.pairs):
-            x_nets.append(nnx.List([FITLayer(x_dim, x_heads, mlp_ratio, **layer_args)
-                                    for _ in range(local)]))
-            if global_:
-                reads.append(CrossAttention(latent_dim, x_dim, rw_heads, rw_width, **common))
-                l_nets.append(nnx.List([FITLayer(latent_dim, latent_heads, mlp_ratio,
-                                                 **layer_args) for _ in range(global_)]))
-                l2c.append(CrossAttention(latent_dim, latent_dim, latent_heads, latent_dim,
-                                          **common) if cond_attention else None)
-            else:
-                reads.append(None)
-                l_nets.append(nnx.List([]))
-                l2c.append(None)
-            writes.append(CrossAttention(x_dim, latent_dim, rw_heads, rw_width, **common)
-                          if i < len(self.pairs) - 1 else None)
-        self.x_networks, self.reads = nnx.List(x_nets), nnx.List(reads)
-        self.latent_networks, self.writes = nnx.List(l_nets), nnx.List(writes)
-        self.cond_attention = nnx.List(l2c)
-        self.x_norm = layers.LayerNorm(x_dim, eps=NORM_EPS, dtype=dtype, param_dtype=param_dtype)
-        self.latent_norm = layers.LayerNorm(latent_dim, eps=NORM_EPS, dtype=dtype,
-                                            param_dtype=param_dtype)
-
-    def __call__(self, x, latents, *, cond=None, autoregressive: bool = False,
-                 train: bool = False, rngs: nnx.Rngs | None = None):
-        """x [B, T, n, c], latents [B, T, m, d_l] (cond [B, S, d_l] for l2c) -> same shapes."""
-        b, t, n, c = x.shape
-        m, d = latents.shape[2], latents.shape[3]
-        x = x.reshape(b * t, n, c)
-        latent_bias = chunk_causal_bias(t, m)[None, None] if autoregressive else None
-        kw = dict(train=train, rngs=rngs)
-        for i, (local, global_) in enumerate(self.pairs):
-            for layer in self.x_networks[i]:
-                x = _run(layer, self.remat, x, causal=autoregressive, **kw)
-            if not global_:
-                continue
-            latents = _run(self.reads[i], self.remat, latents.reshape(b * t, m, d), x, **kw)
-            latents = latents.reshape(b, t * m, d)
-            if self.cond_attention[i] is not None:
-                latents = _run(self.cond_attention[i], self.remat, latents, cond, **kw)
-            for layer in self.latent_networks[i]:
-                latents = _run(layer, self.remat, latents, latent_bias, **kw)
-            latents = latents.reshape(b, t, m, d)
-            if self.writes[i] is not None:
-                source = latents
-                if autoregressive:  # group t writes from group t-1's latents; group 0: zeros
-                    source = jnp.concatenate([jnp.zeros_like(latents[:, :1]),
-                                              latents[:, :-1]], axis=1)
-                x = _run(self.writes[i], self.remat, x, source.reshape(b * t, m, d), **kw)
-        return self.x_norm(x.reshape(b, t, n, c)), self.latent_norm(latents)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,36 +356,6 @@ _STEM_AXES = ("conv_in", "embed")
 
 def _norm(dim, dtype, param_dtype):
     return layers.LayerNorm(dim, eps=NORM_EPS, dtype=dtype, param_dtype=param_dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameter count from the configuration (papers.md §1.8), tested against the modules.
-# ---------------------------------------------------------------------------------------------
-
-def _self_layer(dim, r):
-    return (4 + 2 * r) * dim * dim + (9 + r) * dim
-
-
-def _cross_layer(q_w, kv_w, k):
-    return q_w * k + k + 2 * (kv_w * k + k) + k * q_w + q_w + 2 * q_w + 2 * kv_w
-
-
-def trunk_param_count(*, layer_spec: str, x_dim: int, latent_dim: int, mlp_ratio: float = 4.0,
-                      cond_attention: bool = False) -> int:
-    """Parameters of the trunk: local/global layers, read/write (+ l2c) layers, output LNs."""
-    r = int(mlp_ratio)
-    pairs = parse_layer_spec(layer_spec)
-    k = min(x_dim, latent_dim)
-    total = 2 * x_dim + 2 * latent_dim  # output LayerNorms
-    for i, (local, global_) in enumerate(pairs):
-        total += local * _self_layer(x_dim, r)
-        if global_:
-            total += global_ * _self_layer(latent_dim, r) + _cross_layer(latent_dim, x_dim, k)
-            if cond_attention:
-                total += _cross_layer(latent_dim, latent_dim, latent_dim)
-        if i < len(pairs) - 1:
-            total += _cross_layer(x_dim, latent_dim, k)
-    return total
 
 
 def fit_param_count(kind: str, **config) -> int:

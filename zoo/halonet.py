@@ -452,6 +452,9 @@ def _register(variant: str):
             exclude=_WIDTH_ARGS, prepare=_widths_from_multipliers, paper=_PAPER,
             reference=_REFERENCE, default_input={"image": ((size, size, 3), "float32")},
             config=f"configs/halonet.py:{variant}",
+            # timm's halonet_h1 layout, any widths/depths (read from the arrays).
+            weights=({"timm:halonet_h1": "zoo.converters.halonet:halonet_from_timm"}
+                     if variant == "h1" else {}),
             # Two tiny stages (total stride 8) need maps divisible by the block size.
             tiny=dict(_TINY, image_size=8 * spec["block_size"]),
             tiny_input={"image": ((8 * spec["block_size"],) * 2 + (3,), "float32")},

@@ -328,6 +328,7 @@ _TINY_INPUT = {"images": ((20, 10, 3), "float32"), "camera_params": ((2,), "floa
 
 nvist = register_variant(
         "nvist", NViST,
+        weights={"nvist_official": "zoo.converters.nvist:nvist_from_official"},
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
         config="configs/nvist.py:nvist", tiny=_TINY, tiny_input=_TINY_INPUT,
         paper_params=214.6, paper_params_tolerance=0.01,

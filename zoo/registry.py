@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import importlib
 import inspect
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,6 +32,10 @@ class ModelEntry:
     paper_params: float | None  # millions, as published (None if the paper gives none)
     paper_params_tolerance: float  # relative; published counts are rounded (5.5M, 86M)
     notes: str
+    # Weight sources this model imports: source -> "module:function" of its converter, e.g.
+    # "timm:halonet_h1" -> "zoo.converters.halonet:halonet_from_timm" (timm keeps its
+    # checkpoint_filter_fn beside default_cfgs the same way). Imported on first use.
+    weights: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -40,16 +45,30 @@ def register_model(name: str | None = None, *, paper: str, reference: str,
                    default_input: dict[str, tuple[tuple[int, ...], str]], config: str,
                    tiny: dict[str, Any] | None = None, paper_params: float | None = None,
                    paper_params_tolerance: float = 0.02, notes: str = "",
-                   tiny_input: dict[str, tuple[tuple[int, ...], str]] | None = None):
-    """Decorator registering `builder` under `name` (default: the function name)."""
+                   tiny_input: dict[str, tuple[tuple[int, ...], str]] | None = None,
+                   weights: Mapping[str, str] | None = None):
+    """Decorator registering `builder` under `name` (default: the function name).
+
+    `weights` maps each checkpoint source the model imports ("<format>:<their model name>" or
+    "<format>") to its converter, "module:function" with the signature
+    `converter(state_dict, *, rngs=None, **overrides) -> model`.
+    """
 
     def decorator(builder):
         key = name or builder.__name__
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is registered twice")
+        for source, target in (weights or {}).items():
+            owner = next((e.name for e in _REGISTRY.values() if source in e.weights), None)
+            if owner is not None:
+                raise ValueError(f"weight source {source!r} of {key!r} already belongs to "
+                                 f"{owner!r}")
+            if target.count(":") != 1:
+                raise ValueError(f"weights[{source!r}]={target!r} must be 'module:function'")
         _REGISTRY[key] = ModelEntry(key, builder, paper, reference, dict(default_input), config,
                                     dict(tiny or {}), dict(tiny_input or default_input),
-                                    paper_params, paper_params_tolerance, notes)
+                                    paper_params, paper_params_tolerance, notes,
+                                    dict(weights or {}))
         return builder
 
     return decorator
@@ -144,6 +163,23 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(fnmatch.filter(_REGISTRY, pattern))
 
 
+def weight_sources(pattern: str = "*") -> dict[str, str]:
+    """Checkpoint sources with a converter (matching a shell-style pattern) -> model name."""
+    _import_model_files()
+    return {source: entry.name for entry in sorted(_REGISTRY.values(), key=lambda e: e.name)
+            for source in entry.weights if fnmatch.fnmatch(source, pattern)}
+
+
+def weight_converter(source: str) -> Callable[..., nnx.Module]:
+    """The converter registered for checkpoint `source` (a key of `weight_sources()`)."""
+    owner = weight_sources().get(source)
+    if owner is None:
+        raise ValueError(f"no converter for weight source {source!r}; available: "
+                         f"{sorted(weight_sources())}")
+    module, _, function = _REGISTRY[owner].weights[source].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def count_params(model: nnx.Module) -> int:
     """Number of trainable parameters (works on abstract models)."""
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
@@ -168,6 +204,7 @@ def model_card(name: str) -> dict[str, Any]:
             "default_input": {k: {"shape": list(s), "dtype": d}
                               for k, (s, d) in entry.default_input.items()},
             "config": entry.config,
+            "weights_from": sorted(entry.weights),
             "notes": entry.notes,
     }
 
@@ -202,6 +239,5 @@ _MODEL_MODULES: tuple[str, ...] = (
 
 @functools.lru_cache(maxsize=None)
 def _import_model_files() -> None:
-    import importlib
     for module in _MODEL_MODULES:
         importlib.import_module(module)

@@ -399,8 +399,12 @@ _TINY_INPUT = {"tokens": ((16,), "int32")}
 _TOLERANCE = 0.003
 
 
+# Hugging Face GPT2LMHeadModel weights of any size (sizes are read from the arrays).
+_FROM_HF = "zoo.converters.gpt2:gpt2_from_hf"
+
 ssa_gpt2_small = register_variant(
         "ssa_gpt2_small", SelectiveGPT, _VARIANTS["small"],
+        weights={"hf:gpt2": _FROM_HF},
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
         config="configs/ssa.py:gpt2_small", tiny=_TINY, tiny_input=_TINY_INPUT,
         paper_params=124.44, paper_params_tolerance=_TOLERANCE,
@@ -410,6 +414,7 @@ ssa_gpt2_small = register_variant(
 
 ssa_gpt2_medium = register_variant(
         "ssa_gpt2_medium", SelectiveGPT, _VARIANTS["medium"],
+        weights={"hf:gpt2-medium": _FROM_HF},
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
         config="configs/ssa.py:gpt2_medium", tiny=_TINY, tiny_input=_TINY_INPUT,
         paper_params=354.82, paper_params_tolerance=_TOLERANCE,

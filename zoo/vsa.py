@@ -52,7 +52,7 @@ from flax import nnx
 import kernels_pallas
 from kernels_pallas import sharding
 from kernels_pallas.grid_sample import grid_sample
-from zoo import axes, layers, swin
+from zoo import axes, layers, swin, windows
 from zoo.axes import with_axes
 from zoo.registry import register_variant, variant_builder
 
@@ -138,7 +138,7 @@ class VSAAttention(nnx.Module):
                         rngs.params(), (table_rows, num_heads), param_dtype))
 
     def relative_position_bias(self) -> jax.Array:
-        index = swin.relative_position_index(self.window_size)
+        index = windows.relative_position_index(self.window_size)
         bias = self.relative_position_bias_table[...][index.reshape(-1)]
         return jnp.transpose(bias.reshape(*index.shape, -1), (2, 0, 1))[None].astype(self.dtype)
 
@@ -181,11 +181,11 @@ class VSAAttention(nnx.Module):
                                         what="VSA sampling")
             return jnp.moveaxis(picked, 1, 3).reshape(b * nh * nw, ws * ws, heads, hd)
 
-        q_windows = swin.window_partition(q.reshape(b, hp, wp, heads * hd), ws)
+        q_windows = windows.window_partition(q.reshape(b, hp, wp, heads * hd), ws)
         q_windows = q_windows.reshape(-1, ws * ws, heads, hd)
         out = kernels_pallas.attention(q_windows, sample(k), sample(v),
                                        self.relative_position_bias(), impl=self.attn_impl)
-        out = swin.window_reverse(out.reshape(-1, ws * ws, heads * hd), ws, hp, wp)
+        out = windows.window_reverse(out.reshape(-1, ws * ws, heads * hd), ws, hp, wp)
         out = self.proj(out[:, :h, :w])
         return axes.constrain(layers.dropout(out, self.proj_drop, train=train, rngs=rngs),
                               axes.MAPS)
@@ -286,6 +286,7 @@ _TINY_INPUT = {"image": ((56, 56, 3), "float32")}
 
 vsa_swin_t = register_variant(
         "vsa_swin_t", swin.SwinTransformer, _SWIN_T, fixed=dict(block_factory=VSABlock),
+        weights={"qformer:swin_tiny_vsa": "zoo.converters.vsa:vsa_from_qformer"},
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
         config="configs/vsa.py:vsa_swin_t", tiny=_TINY, tiny_input=_TINY_INPUT,
         paper_params=28.78, paper_params_tolerance=0.01,

@@ -129,3 +129,30 @@ def test_full_size_abstract_build_matches_paper_params(name):
         assert relative_error <= rtol, (
                 f"{name}: {count:,} params vs paper {paper_millions}M "
                 f"({relative_error:.1%} > {rtol:.0%})")
+
+
+def test_every_weight_source_names_an_importable_converter():
+    sources = registry.weight_sources()
+    assert sources == {"timm:halonet_h1": "halonet_h1",
+                       "timm:swin_tiny_patch4_window7_224": "swin_t",
+                       "hf:gpt2": "ssa_gpt2_small", "hf:gpt2-medium": "ssa_gpt2_medium",
+                       "qformer:swin_tiny_vsa": "vsa_swin_t", "nvist_official": "nvist"}
+    for source in sources:
+        assert callable(registry.weight_converter(source))
+    # (The card measures the parameter count: one cheap model is enough here.)
+    assert zoo.model_card("halonet_h1")["weights_from"] == ["timm:halonet_h1"]
+    assert registry.weight_sources("timm:*").keys() == {"timm:halonet_h1",
+                                                        "timm:swin_tiny_patch4_window7_224"}
+    with pytest.raises(ValueError, match="no converter for weight source 'timm:vit_x'"):
+        registry.weight_converter("timm:vit_x")
+
+
+def test_a_weight_source_belongs_to_one_model():
+    card = dict(paper="p", reference="r", default_input={"x": ((1,), "float32")}, config="c")
+    with pytest.raises(ValueError, match="'hf:gpt2' of 'gpt2_again' already belongs to "
+                                         "'ssa_gpt2_small'"):
+        registry.register_model("gpt2_again", weights={"hf:gpt2": "m:f"}, **card)(lambda **_: 0)
+    with pytest.raises(ValueError, match="must be 'module:function'"):
+        registry.register_model("bad_target", weights={"x:y": "module.function"},
+                                **card)(lambda **_: 0)
+    assert "gpt2_again" not in zoo.list_models() and "bad_target" not in zoo.list_models()

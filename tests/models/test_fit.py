@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import zoo
-from zoo import fit
+from zoo import fit, fit_trunk
 
 TRUNK = dict(layer_spec="(1)1(1)", latents_per_group=4, x_dim=16, latent_dim=32, x_heads=2,
              latent_heads=2)
@@ -19,18 +19,18 @@ TRUNK = dict(layer_spec="(1)1(1)", latents_per_group=4, x_dim=16, latent_dim=32,
         ("(2)4(2)", [(2, 4), (2, 0)]), ("(2)4", [(2, 4)]), ("(1)2(3)4", [(1, 2), (3, 4)]),
         ("(0)3", [(0, 3)]), ("(12)10(2)", [(12, 10), (2, 0)]), ("(2)", [(2, 0)])])
 def test_layer_spec_parser(spec, expected):
-    assert fit.parse_layer_spec(spec) == expected
+    assert fit_trunk.parse_layer_spec(spec) == expected
 
 
 @pytest.mark.parametrize("spec", ["", "2(4)", "(2)0(2)", "(a)1", "(2)4(2)x", "(2) 4"])
 def test_layer_spec_parser_rejects(spec):
     with pytest.raises(ValueError, match="layer_spec="):
-        fit.parse_layer_spec(spec)
+        fit_trunk.parse_layer_spec(spec)
 
 
 def test_chunk_causal_bias_matches_brute_force():
     t, m = 3, 2
-    bias = np.asarray(fit.chunk_causal_bias(t, m))
+    bias = np.asarray(fit_trunk.chunk_causal_bias(t, m))
     for i in range(t * m):
         for j in range(t * m):
             allowed = j // m <= i // m  # full inside a group, causal across groups
@@ -104,7 +104,7 @@ def test_ar_latent_shift_is_what_keeps_it_causal():
         trunk = model.trunk
         x = x.reshape(b * t, n, -1)
         latents = model._initial_latents(b)
-        bias = fit.chunk_causal_bias(t, trunk.latents_per_group)[None, None]
+        bias = fit_trunk.chunk_causal_bias(t, trunk.latents_per_group)[None, None]
         for i, (_, g) in enumerate(trunk.pairs):
             for layer in trunk.x_networks[i]:
                 x = layer(x, causal=True)

@@ -28,6 +28,7 @@ import pytest
 from flax import nnx
 
 from zoo import convert
+from zoo import windows as windows_lib
 from zoo import swin as swin_lib
 from zoo.registry import count_params
 
@@ -42,7 +43,7 @@ FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "swin_small
 def test_window_partition_round_trip_and_contents(window):
     wh, ww = (window, window) if isinstance(window, int) else window
     x = np.random.default_rng(0).standard_normal((2, 4, 6, 3)).astype(np.float32)
-    windows = np.asarray(swin_lib.window_partition(jnp.asarray(x), window))
+    windows = np.asarray(windows_lib.window_partition(jnp.asarray(x), window))
     per_row, per_col = 4 // wh, 6 // ww
     assert windows.shape == (2 * per_row * per_col, wh * ww, 3)
     for b in range(2):
@@ -51,19 +52,19 @@ def test_window_partition_round_trip_and_contents(window):
                 expected = x[b, r * wh:(r + 1) * wh, c * ww:(c + 1) * ww].reshape(-1, 3)
                 index = (b * per_row + r) * per_col + c
                 np.testing.assert_array_equal(windows[index], expected)
-    back = swin_lib.window_reverse(jnp.asarray(windows), window, 4, 6)
+    back = windows_lib.window_reverse(jnp.asarray(windows), window, 4, 6)
     np.testing.assert_array_equal(np.asarray(back), x)
 
 
 def test_window_partition_rejects_indivisible_map():
     with pytest.raises(ValueError, match="not divisible by the window"):
-        swin_lib.window_partition(jnp.zeros((1, 5, 4, 2)), 2)
+        windows_lib.window_partition(jnp.zeros((1, 5, 4, 2)), 2)
 
 
 @pytest.mark.parametrize("window", [3, 7, (2, 3)])
 def test_relative_position_index_matches_pairwise_offsets(window):
     wh, ww = (window, window) if isinstance(window, int) else window
-    index = swin_lib.relative_position_index(window)
+    index = windows_lib.relative_position_index(window)
     tokens = [(r, c) for r in range(wh) for c in range(ww)]
     expected = np.array([[(ri - rj + wh - 1) * (2 * ww - 1) + (ci - cj + ww - 1)
                           for rj, cj in tokens] for ri, ci in tokens])
@@ -91,14 +92,14 @@ def direct_shift_mask(height, width, window, shift):
 @pytest.mark.parametrize("height,width,window,shift", [(8, 8, 4, 2), (14, 21, 7, 3),
                                                        (12, 12, 4, 1)])
 def test_shift_mask_matches_direct_construction(height, width, window, shift):
-    mask = swin_lib.shift_attention_mask(height, width, window, shift)
+    mask = windows_lib.shift_attention_mask(height, width, window, shift)
     np.testing.assert_array_equal(mask, direct_shift_mask(height, width, window, shift))
 
 
 def test_small_maps_clamp_window_and_drop_shift():
-    assert swin_lib.clamp_window_and_shift((7, 7), 7, 3) == ((7, 7), (0, 0))
-    assert swin_lib.clamp_window_and_shift((4, 4), 7, 3) == ((4, 4), (0, 0))
-    assert swin_lib.clamp_window_and_shift((14, 14), 7, 3) == ((7, 7), (3, 3))
+    assert windows_lib.clamp_window_and_shift((7, 7), 7, 3) == ((7, 7), (0, 0))
+    assert windows_lib.clamp_window_and_shift((4, 4), 7, 3) == ((4, 4), (0, 0))
+    assert windows_lib.clamp_window_and_shift((14, 14), 7, 3) == ((7, 7), (3, 3))
     block = swin_lib.SwinBlock(dim=8, num_heads=2, window_size=7, shift_size=3, mlp_ratio=2.0,
                                qkv_bias=True, drop_path=0.0, input_resolution=(4, 4),
                                rngs=nnx.Rngs(0))
@@ -117,7 +118,7 @@ def explicit_window_attention(attn, x, mask):
     qkv = qkv.reshape(x.shape[0], x.shape[1], 3, heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim ** -0.5
-    index = swin_lib.relative_position_index(attn.window_size)
+    index = windows_lib.relative_position_index(attn.window_size)
     rpb = attn.relative_position_bias_table[...][index].transpose(2, 0, 1)
     logits = logits + rpb[None]
     if mask is not None:
@@ -139,8 +140,8 @@ def test_window_attention_matches_explicit_softmax(impl, shifted):
     attn.relative_position_bias_table[...] = jnp.asarray(
             rng.standard_normal(attn.relative_position_bias_table.shape), jnp.float32)
     x = jnp.asarray(rng.standard_normal((batch * 4, window * window, dim)), jnp.float32)
-    labels = swin_lib.shift_region_labels(height, width, window, shift) if shifted else None
-    mask = (jnp.asarray(swin_lib.shift_attention_mask(height, width, window, shift))
+    labels = windows_lib.shift_region_labels(height, width, window, shift) if shifted else None
+    mask = (jnp.asarray(windows_lib.shift_attention_mask(height, width, window, shift))
             if shifted else None)
 
     ours = attn(x, region_labels=labels)

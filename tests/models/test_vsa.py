@@ -13,7 +13,7 @@ from flax import nnx
 
 import zoo
 from kernels_pallas.grid_sample import grid_sample
-from zoo import convert, swin, vsa
+from zoo import convert, swin, vsa, windows
 from zoo.converters import vsa as vsa_converter
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "vsa_small_random.npz")
@@ -32,7 +32,7 @@ def test_zero_initialised_vsa_is_window_attention_with_rpb():
     window = swin.WindowAttention(32, 4, 7, rngs=nnx.Rngs(1))
     copy_weights(attn, window)
     x = jax.random.normal(jax.random.key(0), (2, 14, 21, 32))
-    expected = swin.window_reverse(window(swin.window_partition(x, 7)), 7, 14, 21)
+    expected = windows.window_reverse(window(windows.window_partition(x, 7)), 7, 14, 21)
     np.testing.assert_allclose(np.asarray(attn(x)), np.asarray(expected), atol=1e-5)
 
 

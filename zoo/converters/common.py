@@ -8,7 +8,7 @@ the keys, never a silently half-random model.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,22 @@ class StateDictReader:
             raise ValueError(f"state_dict has {len(unused)} array(s) the {model_name} "
                              f"converter does not map: {unused[:10]}"
                              + (" ..." if len(unused) > 10 else ""))
+
+
+def check_overrides(overrides: Mapping[str, Any], *, model_args: Sequence[str],
+                    inferred: Sequence[str], model: str, entry_point: str,
+                    fixed: Sequence[str] = ()) -> None:
+    """Overrides a converter accepts: constructor arguments (`model_args`) that the state_dict
+    does not fix. `inferred` are read from the arrays; `fixed` are set by the converter
+    itself from other evidence."""
+    clash = sorted(set(overrides) & set(inferred))
+    if clash:
+        raise ValueError(f"{clash} are read from the state_dict and cannot be overridden")
+    allowed = sorted(set(model_args) - set(inferred) - set(fixed))
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {model} argument(s) {unknown} for {entry_point}; allowed: "
+                         f"{allowed}")
 
 
 def assign(variable: nnx.Variable, value: np.ndarray, where: str) -> None:

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from zoo import ssa as ssa_lib
-from zoo.converters.common import StateDictReader, assign, build_abstract, check_all_set
+from zoo.converters.common import (StateDictReader, assign, build_abstract, check_all_set,
+                                   check_overrides)
 
 _INFERRED = ("vocab_size", "max_seq_len", "width", "depth", "num_heads")
 
@@ -56,14 +57,8 @@ def gpt2_from_hf(state_dict: Mapping[str, Any], *, num_heads: int | None = None,
     """
     if not isinstance(ssa, bool):
         raise ValueError(f"ssa must be True or False, got {ssa!r}")
-    clash = sorted(set(overrides) & set(_INFERRED))
-    if clash:
-        raise ValueError(f"{clash} are read from the state_dict and cannot be overridden")
-    allowed = sorted(set(ssa_lib.MODEL_ARGS) - set(_INFERRED))
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown SelectiveGPT argument(s) {unknown} for from_gpt2; allowed: "
-                         f"{allowed}")
+    check_overrides(overrides, model_args=ssa_lib.MODEL_ARGS, inferred=_INFERRED,
+                    model="SelectiveGPT", entry_point="from_gpt2")
     arrays = _strip_prefix(state_dict)
     reader = StateDictReader(arrays)
     vocab_size, width = reader.shape("wte.weight")

@@ -7,7 +7,8 @@ from typing import Any, Mapping
 from flax import nnx
 
 from zoo import halonet as halonet_lib, layers
-from zoo.converters.common import StateDictReader, assign, build_abstract, check_all_set
+from zoo.converters.common import (StateDictReader, assign, build_abstract, check_all_set,
+                                   check_overrides)
 
 
 def _load_conv(conv: layers.Conv2d, reader: StateDictReader, prefix: str) -> None:
@@ -42,14 +43,8 @@ def halonet_from_timm(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None,
     `halo_size`, `image_size`), as can options that leave no trace in the weights (`avg_down`,
     `scale_relative`, `dtype`, `param_dtype`, `attn_impl`, `drop_path_rate`, ...).
     """
-    clash = sorted(set(overrides) & set(_HALONET_INFERRED))
-    if clash:
-        raise ValueError(f"{clash} are read from the state_dict and cannot be overridden")
-    allowed = sorted(set(halonet_lib.MODEL_ARGS) - set(_HALONET_INFERRED))
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown HaloNet argument(s) {unknown} for from_timm; allowed: "
-                         f"{allowed}")
+    check_overrides(overrides, model_args=halonet_lib.MODEL_ARGS, inferred=_HALONET_INFERRED,
+                    model="HaloNet", entry_point="from_timm")
     reader = StateDictReader(state_dict)
     stem_shape = reader.shape("stem.conv1.conv.weight")
     if stem_shape[2:] != (7, 7):

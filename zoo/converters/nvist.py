@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from zoo import nvist as nvist_lib
-from zoo.converters.common import StateDictReader, assign, build_abstract, check_all_set
+from zoo.converters.common import (StateDictReader, assign, build_abstract, check_all_set,
+                                   check_overrides)
 
 _INFERRED = ("patch_size", "encoder_dim", "encoder_depth", "decoder_dim", "decoder_depth",
              "resolution", "decoder_patch_size", "channels")
@@ -53,9 +54,8 @@ def nvist_from_official(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None 
     for wrapper in ("model", "state_dict"):
         if isinstance(state_dict, Mapping) and isinstance(state_dict.get(wrapper), Mapping):
             state_dict = state_dict[wrapper]
-    clash = sorted(set(overrides) & set(_INFERRED))
-    if clash:
-        raise ValueError(f"{clash} are read from the state_dict and cannot be overridden")
+    check_overrides(overrides, model_args=nvist_lib.MODEL_ARGS, inferred=_INFERRED,
+                    model="NViST", entry_point="from_nvist_official")
     reader = StateDictReader(state_dict)
     if not reader.has("decoder.output_token") or not reader.has("encoder.cls_token"):
         raise ValueError("state_dict has no 'encoder.cls_token' / 'decoder.output_token': not "
@@ -79,10 +79,6 @@ def nvist_from_official(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None 
             channels=channels, encoder_heads=max(encoder_dim // 64, 1),
             decoder_heads=max(decoder_dim // 64, 1))
     architecture.update(overrides)
-    unknown = sorted(set(architecture) - set(nvist_lib.MODEL_ARGS))
-    if unknown:
-        raise ValueError(f"unknown NViST argument(s) {unknown} for from_nvist_official; "
-                         f"allowed: {sorted(set(nvist_lib.MODEL_ARGS) - set(_INFERRED))}")
     model = build_abstract(lambda r: nvist_lib.NViST(**architecture, rngs=r), rngs)
 
     for key, part in _FIXED_CODES.items():

@@ -15,7 +15,8 @@ from flax import nnx
 
 from zoo import layers
 from zoo import swin as swin_lib
-from zoo.converters.common import StateDictReader, assign, build_abstract, check_all_set
+from zoo.converters.common import (StateDictReader, assign, build_abstract, check_all_set,
+                                   check_overrides)
 
 # Derived from the weights, so they cannot be overridden.
 _SWIN_INFERRED = ("embed_dim", "depths", "num_heads", "patch_size", "in_chans", "num_classes",
@@ -53,14 +54,8 @@ def swin_from_timm(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = Non
     `image_size` defaults to 224 and may be overridden, as may options that leave no trace in
     the weights (`dtype`, `param_dtype`, `attn_impl`, `drop_rate`, `drop_path_rate`).
     """
-    clash = sorted(set(overrides) & set(_SWIN_INFERRED))
-    if clash:
-        raise ValueError(f"{clash} are read from the state_dict and cannot be overridden")
-    allowed = sorted(set(swin_lib.MODEL_ARGS) - set(_SWIN_INFERRED) - {"window_size"})
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown Swin argument(s) {unknown} for swin_from_timm; allowed: "
-                         f"{allowed}")
+    check_overrides(overrides, model_args=swin_lib.MODEL_ARGS, inferred=_SWIN_INFERRED,
+                    fixed=("window_size",), model="Swin", entry_point="swin_from_timm")
     reader = StateDictReader(state_dict)
     reader.arrays = {k: v for k, v in reader.arrays.items()
                      if not k.endswith(_RECOMPUTED_BUFFERS)}

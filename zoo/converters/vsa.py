@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from zoo import vsa as vsa_lib
-from zoo.converters.common import StateDictReader, assign, build_abstract, check_all_set
+from zoo.converters.common import (StateDictReader, assign, build_abstract, check_all_set,
+                                   check_overrides)
 from zoo.converters.swin import _load_linear, _load_norm, load_patch_embed
 
 _INFERRED = ("embed_dim", "depths", "num_heads", "patch_size", "in_chans", "num_classes",
@@ -76,14 +77,8 @@ def vsa_from_qformer(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = N
     `image_size` defaults to 224 and may be overridden, as may `dtype`, `param_dtype`,
     `attn_impl`, `drop_rate`, `drop_path_rate`.
     """
-    clash = sorted(set(overrides) & set(_INFERRED))
-    if clash:
-        raise ValueError(f"{clash} are read from the state_dict and cannot be overridden")
-    allowed = sorted(set(vsa_lib.MODEL_ARGS) - set(_INFERRED))
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown VSA-Swin argument(s) {unknown} for from_qformer_vsa; "
-                         f"allowed: {allowed}")
+    check_overrides(overrides, model_args=vsa_lib.MODEL_ARGS, inferred=_INFERRED,
+                    model="VSA-Swin", entry_point="from_qformer_vsa")
     reader = _reader(state_dict)
     block_keys = sorted({(int(m.group(1)), int(m.group(2))) for key in reader.arrays
                          if (m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key))})
