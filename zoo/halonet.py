@@ -355,11 +355,8 @@ class HaloNet(nnx.Module):
     def forward_head(self, x: jax.Array, *, pre_logits: bool = False, train: bool = False,
                      rngs: nnx.Rngs | None = None) -> jax.Array:
         """Feature map -> logits [B, num_classes] (pooled features if pre_logits/no head)."""
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
-        pooled = layers.dropout(pooled, self.head_dropout_rate, train=train, rngs=rngs)
-        if pre_logits or self.head is None:
-            return pooled
-        return self.head(pooled)
+        return layers.average_pool_head(x, self.head, self.head_dropout_rate,
+                                        pre_logits=pre_logits, train=train, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool = False,
                  rngs: nnx.Rngs | None = None) -> jax.Array:

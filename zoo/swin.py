@@ -340,11 +340,8 @@ class SwinTransformer(nnx.Module):
     def forward_head(self, x: jax.Array, *, pre_logits: bool = False, train: bool = False,
                      rngs: nnx.Rngs | None = None) -> jax.Array:
         """Map from `forward_features` -> logits [B, num_classes] (or pooled features)."""
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
-        pooled = layers.dropout(pooled, self.drop_rate, train=train, rngs=rngs)
-        if pre_logits or self.head is None:
-            return pooled
-        return self.head(pooled)
+        return layers.average_pool_head(x, self.head, self.drop_rate, pre_logits=pre_logits,
+                                        train=train, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool = False,
                  rngs: nnx.Rngs | None = None) -> jax.Array:

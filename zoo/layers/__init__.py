@@ -41,5 +41,5 @@ from zoo.layers.dense import (  # noqa: F401
 from zoo.layers.attention import (  # noqa: F401
         ATTENTION_IMPLS, ATTENTION_LOGITS, Attention)
 from zoo.layers.image import (  # noqa: F401
-        CONV_AXES, HE_FAN_OUT_INIT, BatchNorm, Conv2d, ConvBN, PatchEmbed, sincos_2d,
-        torch_uniform)
+        CONV_AXES, HE_FAN_OUT_INIT, BatchNorm, Conv2d, ConvBN, PatchEmbed, average_pool_head,
+        sincos_2d, torch_uniform)

@@ -12,7 +12,7 @@ from flax import nnx
 
 from zoo.axes import with_axes
 from zoo.layers.checks import canonical_dtype, check_positive_int, int_pair
-from zoo.layers.dense import Initializer, gathered
+from zoo.layers.dense import Initializer, dropout, gathered
 
 def torch_uniform(fan_in: int) -> Initializer:
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Conv2d bias init (kept by timm's
@@ -70,6 +70,17 @@ class PatchEmbed(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def average_pool_head(maps: jax.Array, head: nnx.Module | None, dropout_rate: float, *,
+                      pre_logits: bool, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    """timm's CNN-style classifier: global average pool of [B, H, W, C] maps (in float32),
+    dropout, then `head` (pooled features when `pre_logits` or there is no head)."""
+    pooled = jnp.mean(maps.astype(jnp.float32), axis=(1, 2)).astype(maps.dtype)
+    pooled = dropout(pooled, dropout_rate, train=train, rngs=rngs)
+    if pre_logits or head is None:
+        return pooled
+    return head(pooled)
 
 
 def sincos_2d(grid_height: int, grid_width: int, dim: int, *, mae_frequencies: bool = False,
