@@ -8,7 +8,7 @@ diffusion denoisers (the task's `write_samples`, zoo/tasks/).
 
 Only the model's variables are read from the checkpoint (no optimizer state), onto the first
 local device; each task takes the flags it needs and ignores the others.
-  * Language models: byte-level models (data.vocab_size = 256) take the prompt as UTF-8 text and
+  * Language models: byte-level models (lm.vocab_size = 256) take the prompt as UTF-8 text and
     print decoded text; models over another vocabulary take --prompt_ids (comma-separated token
     ids) and print ids, since no tokenizer ships with the zoo. Generation uses the model's KV
     cache (zoo.generate.generate); the samples are also written to <workdir>/samples_<step>.txt.

@@ -1,16 +1,23 @@
-"""The one config schema every zoo task uses.
+"""The config schema: the fields every zoo task shares, plus the subtree of the run's task.
 
-A model config file starts from `base_config()` and changes what it needs; `train.py` rejects
-keys that are not in this schema (a typo never silently becomes a new field) and values of the
-wrong type, before anything is compiled. Field meanings are documented inline.
+A model config file starts from `base_config(task)` and changes what it needs; `train.py`
+rejects keys that are not in the schema of the config's task (a typo never silently becomes a
+new field) and values of the wrong type, before anything is compiled. Field meanings are
+documented inline; a task's own fields (`config.lm` for language_modeling, `config.views` for
+novel_view_synthesis) are documented in its `default_config()` (zoo/tasks/).
 
 Launch, big_vision style:
   python train.py --config configs/vit.py:smoke --workdir /tmp/run --config.total_steps=50
 """
 import ml_collections
 
+from zoo.training import tasks
 
-def base_config() -> ml_collections.ConfigDict:
+
+def base_config(task: str = "classification") -> ml_collections.ConfigDict:
+    """The shared fields with their defaults, `task` set, and the task's own subtree
+    (`config.<Task.config_key>` = `Task.default_config()`) if it has one. An unregistered
+    `task` is a ConfigError."""
     c = ml_collections.ConfigDict()
 
     # --- what to train -----------------------------------------------------------------------
@@ -22,8 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
     # the Pallas interpreter: the kernel path on CPU, slow, for tests and debugging).
     c.model.attn_impl = "auto"
     # zoo.training.tasks.list_tasks(): classification | language_modeling | image_diffusion |
-    # masked_image_modeling | novel_view_synthesis
-    c.task = "classification"
+    # masked_image_modeling | novel_view_synthesis. Set it through base_config(task), which
+    # adds the task's own subtree.
+    c.task = task
     c.label_smoothing = 0.0  # classification training loss only; eval reports plain CE
 
     # --- data --------------------------------------------------------------------------------
@@ -44,17 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # grain worker processes (0 = in the main process)
     c.data.worker_buffer_size = 2
     c.data.shuffle = True
-    # language_modeling only
-    c.data.seq_len = 256  # tokens per example (context length)
-    c.data.vocab_size = 256  # 256 = byte-level (embedded_text)
-    c.data.token_dtype = "uint16"  # token_files: uint16 | uint32 ids in <path>/<split>.bin
-    c.data.bytes_per_token = 0.0  # token_files: corpus bytes per token, for bits_per_byte
-    # novel_view_synthesis only (zoo/tasks/novel_view_synthesis.py); image_size is then the height
+    # Image width for sources with non-square images (novel_view_synthesis's); image_size is
+    # then the height. masked_image_modeling reads it too (and requires square images).
     c.data.image_width = 0  # 0 = image_size (square)
-    c.data.views_per_scene = 6  # generated_multiview: views rendered per scene
-    c.data.num_scenes = 64  # generated_multiview: train scenes (eval: an eighth)
-    c.data.target_views = 4  # views an example renders besides its input view
-    c.data.rays_per_view = 64  # random pixels per target view and training example
 
     # --- optimisation ------------------------------------------------------------------------
     c.total_steps = 100
@@ -133,6 +133,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging.progress_bar = True
     c.logging.tensorboard = True
     c.logging.profile_steps = ()  # (first, last) step range for a jax profiler trace
+
+    # --- the task's own fields ---------------------------------------------------------------
+    cls = tasks.task_class(task)
+    if cls.config_key is not None:
+        if cls.config_key in c:
+            raise ValueError(f"task {task!r}: config_key {cls.config_key!r} is a shared config "
+                             f"field")
+        c[cls.config_key] = cls.default_config()
     return c
 
 

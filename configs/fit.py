@@ -67,22 +67,20 @@ def _encoder_smoke(_):
 
 
 def _ar_smoke(_):
-    c = _smoke_common(common.base_config())
-    c.task = "language_modeling"
+    c = _smoke_common(common.base_config("language_modeling"))
     c.model.name = "fit_ar_small"
     c.model.overrides = ml_collections.ConfigDict(dict(
             vocab_size=256, seq_len=64, num_groups=4, **{**_SMOKE_TRUNK, "x_dim": 64}))
     c.data.source = "embedded_text"
-    c.data.vocab_size = 256
-    c.data.seq_len = 64
+    c.lm.vocab_size = 256
+    c.lm.seq_len = 64
     c.optimizer.learning_rate = 3e-3
     c.logging.progress_bar = False
     return c
 
 
 def _denoiser_smoke(_):
-    c = _smoke_common(common.base_config())
-    c.task = "image_diffusion"
+    c = _smoke_common(common.base_config("image_diffusion"))
     c.model.name = "fit_denoiser_64"
     c.model.overrides = ml_collections.ConfigDict(dict(
             image_size=16, patch_size=2, num_groups=4,
@@ -114,16 +112,15 @@ def _encoder(source):
 
 
 def _ar(_):
-    c = common.base_config()
-    c.task = "language_modeling"
+    c = common.base_config("language_modeling")
     c.model.name = "fit_ar_small"
     c.model.overrides = ml_collections.ConfigDict(dict(vocab_size=256, seq_len=1024))
     c.data.source = "token_files"
     c.data.path = "/data/bytes"
-    c.data.token_dtype = "uint16"
-    c.data.vocab_size = 256
-    c.data.seq_len = 1024
-    c.data.bytes_per_token = 1.0
+    c.lm.token_dtype = "uint16"
+    c.lm.vocab_size = 256
+    c.lm.seq_len = 1024
+    c.lm.bytes_per_token = 1.0
     c.batch_size = 256
     c.total_steps = 200_000
     c.optimizer.learning_rate = 6e-4
@@ -137,8 +134,7 @@ def _ar(_):
 
 
 def _denoiser(source):
-    c = common.imagenet_data(common.base_config(), "image_folder", 64)
-    c.task = "image_diffusion"
+    c = common.imagenet_data(common.base_config("image_diffusion"), "image_folder", 64)
     c.model.name = "fit_denoiser_64"
     c.model.overrides = ml_collections.ConfigDict(dict(image_size=64))
     c.data.path = "/data/imagenet64"

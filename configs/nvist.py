@@ -30,9 +30,8 @@ VARIANTS = ("smoke", "nvist", "mae_smoke")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = common.parse_arg(arg, file="configs/nvist.py", defaults={"variant": "smoke"},
                                allowed={"variant": VARIANTS})
-    c = common.base_config()
     if options["variant"] == "mae_smoke":
-        c.task = "masked_image_modeling"
+        c = common.base_config("masked_image_modeling")
         c.model.name = "mae_vit_b5"
         c.model.overrides = ml_collections.ConfigDict(dict(
                 image_size=(40, 40), embed_dim=64, depth=2, num_heads=4, decoder_dim=32,
@@ -46,17 +45,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint_every = c.eval_every = 50
         c.eval.num_batches = 4
         return c
-    c.task = "novel_view_synthesis"
+    c = common.base_config("novel_view_synthesis")
     if options["variant"] == "smoke":
         c.model.name = "nvist_small"
         c.model.overrides = ml_collections.ConfigDict(dict(image_size=(40, 30),
                                                            near_far=(0.4, 2.2)))
         c.data.source = "generated_multiview"
         c.data.image_size, c.data.image_width = 40, 30
-        c.data.num_scenes = 48
-        c.data.views_per_scene = 4
-        c.data.target_views = 2
-        c.data.rays_per_view = 64
+        c.views.num_scenes = 48
+        c.views.views_per_scene = 4
+        c.views.target_views = 2
+        c.views.rays_per_view = 64
         c.batch_size = 8
         c.total_steps = 300
         c.optimizer.learning_rate = 1e-3
@@ -71,9 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source = "multiview_folder"
     c.data.path = "/data/mvimgnet_nvist"
     c.data.image_size, c.data.image_width = 160, 90
-    c.data.views_per_scene = 5
-    c.data.target_views = 4
-    c.data.rays_per_view = 4096
+    c.views.views_per_scene = 5
+    c.views.target_views = 4
+    c.views.rays_per_view = 4096
     c.data.worker_count = 8
     c.batch_size = 11
     c.total_steps = 300_000

@@ -66,24 +66,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _byte_level(variant: str) -> ml_collections.ConfigDict:
-    c = common.base_config()
-    c.task = "language_modeling"
+    c = common.base_config("language_modeling")
     c.data.source = "embedded_text"
-    c.data.vocab_size = 256
+    c.lm.vocab_size = 256
     if variant == "smoke":
         size = dict(width=64, depth=2, num_heads=4)
-        c.data.seq_len, c.batch_size, c.total_steps = 64, 32, 150
+        c.lm.seq_len, c.batch_size, c.total_steps = 64, 32, 150
         c.checkpoint_every = c.eval_every = 75
         c.eval.num_batches = 4
     else:
         size = dict(width=128, depth=4, num_heads=4)
-        c.data.seq_len, c.batch_size, c.total_steps = 128, 32, 800
+        c.lm.seq_len, c.batch_size, c.total_steps = 128, 32, 800
         c.checkpoint_every = 400
         c.eval_every = 100
         c.eval.num_batches = 16
     c.model.name = "ssa_gpt2_small"
     c.model.overrides = ml_collections.ConfigDict(dict(
-            vocab_size=256, max_seq_len=c.data.seq_len, **size))
+            vocab_size=256, max_seq_len=c.lm.seq_len, **size))
     c.eval.batch_size = 64
     c.optimizer.learning_rate = 3e-3
     c.optimizer.weight_decay = 0.1
@@ -97,8 +96,7 @@ def _byte_level(variant: str) -> ml_collections.ConfigDict:
 
 
 def _gpt2(variant: str) -> ml_collections.ConfigDict:
-    c = common.base_config()
-    c.task = "language_modeling"
+    c = common.base_config("language_modeling")
     c.model.name = f"ssa_{variant}"
     c.model.overrides = ml_collections.ConfigDict(dict(vocab_size=_GPT2_VOCAB,
                                                        max_seq_len=1024))
@@ -106,10 +104,10 @@ def _gpt2(variant: str) -> ml_collections.ConfigDict:
     c.data.path = "/data/openwebtext"
     c.data.train_split = "train"
     c.data.eval_split = "val"
-    c.data.seq_len = 1024
-    c.data.vocab_size = _GPT2_VOCAB
-    c.data.token_dtype = "uint16"
-    c.data.bytes_per_token = 0.0  # set it (OpenWebText + GPT-2 BPE: ~4.5 [unverified])
+    c.lm.seq_len = 1024
+    c.lm.vocab_size = _GPT2_VOCAB
+    c.lm.token_dtype = "uint16"
+    c.lm.bytes_per_token = 0.0  # set it (OpenWebText + GPT-2 BPE: ~4.5 [unverified])
     c.batch_size = 480
     c.total_steps = 600_000
     c.optimizer.learning_rate = 6e-4 if variant == "gpt2_small" else 3e-4

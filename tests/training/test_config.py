@@ -2,11 +2,18 @@
 and what is allowed, raised before anything is compiled."""
 from __future__ import annotations
 
+import importlib
+
 import ml_collections
 import pytest
 
+from configs import common
 from training_helpers import tiny_config
+from zoo.training import tasks
 from zoo.training.config import ConfigError, validate_config
+
+ssa_configs = importlib.import_module("configs.ssa")
+nvist_configs = importlib.import_module("configs.nvist")
 
 
 def _error(config, num_devices=8, num_processes=1) -> str:
@@ -146,3 +153,54 @@ def test_schema_rejects_a_replaced_subtree():
     with config.unlocked():
         config.eval = ml_collections.ConfigDict({"batch_size": 16})
     assert "config.eval.num_batches is missing" in _error(config)
+
+
+# --- a task's own config subtree (Task.config_key / Task.default_config) --------------------------
+
+def test_a_task_subtree_is_in_the_configs_of_its_task_only():
+    lm_config = common.base_config("language_modeling")
+    assert lm_config.task == "language_modeling"
+    assert lm_config.lm.to_dict() == tasks.task_class("language_modeling").default_config(
+            ).to_dict()
+    assert lm_config.lm.seq_len == 256 and "views" not in lm_config
+    for task in ("classification", "image_diffusion", "masked_image_modeling"):
+        config = common.base_config(task)
+        assert config.task == task and "lm" not in config and "views" not in config
+    assert "lm" not in common.base_config()  # the default task is classification
+    assert "views" in common.base_config("novel_view_synthesis")
+    for field in ("seq_len", "vocab_size", "token_dtype", "bytes_per_token", "views_per_scene",
+                  "num_scenes", "target_views", "rays_per_view"):
+        assert field not in common.base_config().data  # no task-only field is shared
+    with pytest.raises(ConfigError, match="config.task='segmentation' is not a registered"):
+        common.base_config("segmentation")
+
+
+def test_a_wrong_type_in_the_task_subtree_is_named():
+    config = ssa_configs.get_config("smoke")
+    with config.ignore_type():
+        config.lm.seq_len = "64"
+    assert "config.lm.seq_len='64' has type str; expected int" in _error(config)
+
+
+def test_a_subtree_of_another_task_is_an_unknown_field():
+    config = tiny_config()
+    config.lm = common.base_config("language_modeling").lm
+    message = _error(config)
+    assert "config.lm is not a known config field" in message
+    assert "'language_modeling'" in message  # it says whose subtree it is
+
+
+def test_a_missing_task_subtree_is_named():
+    config = nvist_configs.get_config("smoke")
+    del config["views"]
+    assert "config.views is missing" in _error(config)
+
+
+def test_an_unregistered_task_is_reported_before_the_schema():
+    config = tiny_config(task="segmentation")
+    config.lm = common.base_config("language_modeling").lm  # the schema would reject this
+    assert "config.task='segmentation' is not a registered task" in _error(config)
+    config = tiny_config()
+    with config.ignore_type():
+        config.task = 3
+    assert "config.task=3 has type int; expected str" in _error(config)

@@ -57,11 +57,10 @@ def _validate(config) -> None:
     pipeline.validate_data_config(config, tasks.get_task(config), process_count=1)
 
 def lm_config(**changes) -> ml_collections.ConfigDict:
-    c = common.base_config()
-    c.task = "language_modeling"
+    c = common.base_config("language_modeling")
     c.model.name = "test_tiny_causal_lm"
     c.data.source = "embedded_text"
-    c.data.seq_len = 16
+    c.lm.seq_len = 16
     c.batch_size = 16
     c.eval.batch_size = 24
     c.eval.num_batches = 2
@@ -103,7 +102,7 @@ def test_token_files_round_trip_and_errors(tmp_path):
     for split, tokens in ids.items():
         lm.write_token_file(str(tmp_path / f"{split}.bin"), tokens)
     config = lm_config(**{"data.source": "token_files", "data.path": str(tmp_path),
-                          "data.vocab_size": 1000})
+                          "lm.vocab_size": 1000})
     _validate(config)
     windows = lm.open_split(config, "eval")
     np.testing.assert_array_equal(windows[1]["tokens"], ids["eval"][16:33])
@@ -115,17 +114,17 @@ def test_token_files_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         _validate(lm_config(**{"data.source": "token_files", "data.path": str(tmp_path / "none")}))
     small_vocab = lm_config(**{"data.source": "token_files", "data.path": str(tmp_path),
-                               "data.vocab_size": 10})
-    with pytest.raises(ValueError, match="outside config.data.vocab_size=10"):
+                               "lm.vocab_size": 10})
+    with pytest.raises(ValueError, match="outside config.lm.vocab_size=10"):
         lm.open_split(small_vocab, "train")[0]
 
 
 @pytest.mark.parametrize("changes, message", [
-        ({"data.seq_len": 0}, "config.data.seq_len=0"),
-        ({"data.vocab_size": 100}, "too small for the byte-level"),
+        ({"lm.seq_len": 0}, "config.lm.seq_len=0"),
+        ({"lm.vocab_size": 100}, "too small for the byte-level"),
         ({"data.source": "generated"}, "invalid for config.task='language_modeling'"),
-        ({"data.token_dtype": "int8"}, "config.data.token_dtype='int8'"),
-        ({"data.seq_len": 10 ** 8}, "fewer than one window"),
+        ({"lm.token_dtype": "int8"}, "config.lm.token_dtype='int8'"),
+        ({"lm.seq_len": 10 ** 8}, "fewer than one window"),
 ])
 def test_bad_lm_data_configs_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):

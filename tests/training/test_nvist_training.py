@@ -28,7 +28,7 @@ def test_reference_variant_builds():
 def test_smoke_trains_psnr_rises_and_renders(tmp_path):
 
     changes = {"total_steps": 60, "checkpoint_every": 30, "eval_every": 30,
-               "data.num_scenes": 16, "logging.progress_bar": False,
+               "views.num_scenes": 16, "logging.progress_bar": False,
                "logging.tensorboard": False}
     config = apply_changes(nvist_configs.get_config("smoke"), changes)
     config_lib.validate_config(config, num_devices=1)
@@ -52,7 +52,7 @@ def test_smoke_trains_psnr_rises_and_renders(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     done = subprocess.run(
             [sys.executable, "render.py", "--config", "configs/nvist.py:smoke", "--workdir",
-             workdir, "--num_examples", "2", "--orbit", "3", "--config.data.num_scenes=16"],
+             workdir, "--num_examples", "2", "--orbit", "3", "--config.views.num_scenes=16"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = ast.literal_eval(done.stdout.strip().splitlines()[-1])

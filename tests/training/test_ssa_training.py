@@ -37,8 +37,8 @@ def test_config_variants_set_the_switches(arg, expected):
     assert c.task == "language_modeling"
     for key, value in expected.items():
         assert c.model.overrides[key] == value, key
-    assert c.model.overrides.vocab_size == c.data.vocab_size
-    assert c.model.overrides.max_seq_len >= c.data.seq_len
+    assert c.model.overrides.vocab_size == c.lm.vocab_size
+    assert c.model.overrides.max_seq_len >= c.lm.seq_len
 
 
 def test_ablation_arms_differ_only_in_the_ssa_switches():

@@ -12,13 +12,15 @@ Sources (config.data.source):
     from `corpus_summary`; compare runs on one Python version. Every 20th file (sorted order)
     is the eval split, so train and eval never share a file.
   * "token_files": nanoGPT-style `{data.path}/{split}.bin`, a flat array of token ids
-    (data.token_dtype uint16 or uint32, native little-endian), memory-mapped.
+    (lm.token_dtype uint16 or uint32, native little-endian), memory-mapped.
+The task's own fields (context length, vocabulary, token format) are the config subtree
+`config.lm` (`LanguageModelingTask.default_config`).
 An example is a window of seq_len + 1 consecutive tokens; window i starts at i * seq_len, so
 consecutive windows share one token and every token of the stream is a target exactly once.
 
 Metrics: the loss is next-token cross-entropy in float32 (mean over tokens). Eval reports the
 per-token loss, perplexity = exp(loss), bits_per_token = loss / ln 2 and, where the bytes per
-token are known (byte-level text: 1; token files: data.bytes_per_token > 0), bits_per_byte.
+token are known (byte-level text: 1; token files: lm.bytes_per_token > 0), bits_per_byte.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -103,14 +106,14 @@ def write_token_file(path: str, tokens, dtype: str = "uint16") -> None:
 
 def _open_token_file(config, split: str) -> np.ndarray:
     path = token_file(config, split)
-    dtype = np.dtype(config.data.token_dtype)
+    dtype = np.dtype(config.lm.token_dtype)
     if not os.path.isfile(path):
         raise ValueError(f"config.data.path={config.data.path!r}: token file {path} for split "
                          f"{split!r} does not exist (expected <path>/<split>.bin)")
     size = os.path.getsize(path)
     if size % dtype.itemsize:
         raise ValueError(f"token file {path} has {size} bytes, not a multiple of "
-                         f"config.data.token_dtype={config.data.token_dtype!r} "
+                         f"config.lm.token_dtype={config.lm.token_dtype!r} "
                          f"({dtype.itemsize} bytes)")
     if size == 0:
         raise ValueError(f"token file {path} is empty")
@@ -135,7 +138,7 @@ class TokenWindows:
         tokens = np.asarray(self.stream[start:start + self.seq_len + 1]).astype(np.int32)
         if tokens.max() >= self.vocab_size:
             raise ValueError(f"{self.origin} holds token id {int(tokens.max())} at window "
-                             f"{index}, outside config.data.vocab_size={self.vocab_size}")
+                             f"{index}, outside config.lm.vocab_size={self.vocab_size}")
         return {"tokens": tokens}
 
 
@@ -150,29 +153,29 @@ def open_split(config, split: str) -> TokenWindows:
     else:
         raise ValueError(f"config.data.source={d.source!r} is invalid for task {TASK!r}; "
                          f"allowed: {SOURCES}")
-    windows = TokenWindows(stream, d.seq_len, d.vocab_size, origin)
+    windows = TokenWindows(stream, config.lm.seq_len, config.lm.vocab_size, origin)
     if len(windows) < 1:
         raise ValueError(f"{origin} has {stream.size} tokens, fewer than one window of "
-                         f"config.data.seq_len + 1 = {d.seq_len + 1}")
+                         f"config.lm.seq_len + 1 = {config.lm.seq_len + 1}")
     return windows
 
 
 def _check_data(config) -> None:
-    d = config.data
-    if not isinstance(d.seq_len, int) or d.seq_len < 1:
-        raise ValueError(f"config.data.seq_len={d.seq_len!r} is invalid; allowed: an integer "
+    lm = config.lm
+    if not isinstance(lm.seq_len, int) or lm.seq_len < 1:
+        raise ValueError(f"config.lm.seq_len={lm.seq_len!r} is invalid; allowed: an integer "
                          f">= 1")
-    if not isinstance(d.vocab_size, int) or d.vocab_size < 2:
-        raise ValueError(f"config.data.vocab_size={d.vocab_size!r} is invalid; allowed: an "
+    if not isinstance(lm.vocab_size, int) or lm.vocab_size < 2:
+        raise ValueError(f"config.lm.vocab_size={lm.vocab_size!r} is invalid; allowed: an "
                          f"integer >= 2")
-    if d.source == "embedded_text" and d.vocab_size < BYTE_VOCAB:
-        raise ValueError(f"config.data.vocab_size={d.vocab_size} is too small for the "
+    if config.data.source == "embedded_text" and lm.vocab_size < BYTE_VOCAB:
+        raise ValueError(f"config.lm.vocab_size={lm.vocab_size} is too small for the "
                          f"byte-level embedded_text source; allowed: >= {BYTE_VOCAB}")
-    if d.token_dtype not in TOKEN_DTYPES:
-        raise ValueError(f"config.data.token_dtype={d.token_dtype!r} is invalid; allowed: "
+    if lm.token_dtype not in TOKEN_DTYPES:
+        raise ValueError(f"config.lm.token_dtype={lm.token_dtype!r} is invalid; allowed: "
                          f"{TOKEN_DTYPES}")
-    if d.bytes_per_token < 0:
-        raise ValueError(f"config.data.bytes_per_token={d.bytes_per_token!r} is invalid; "
+    if lm.bytes_per_token < 0:
+        raise ValueError(f"config.lm.bytes_per_token={lm.bytes_per_token!r} is invalid; "
                          f"allowed: >= 0 (0 = unknown)")
 
 
@@ -200,6 +203,16 @@ class LanguageModelingTask(Task):
     """Next-token prediction on {"tokens": int32 [B, seq_len + 1]} (see the module docstring)."""
 
     sources = SOURCES
+    config_key = "lm"
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.seq_len = 256  # tokens per example (context length)
+        c.vocab_size = 256  # 256 = byte-level (embedded_text)
+        c.token_dtype = "uint16"  # token_files: uint16 | uint32 ids in <path>/<split>.bin
+        c.bytes_per_token = 0.0  # token_files: corpus bytes per token, for bits_per_byte
+        return c
 
     def check_data(self, config) -> None:
         _check_data(config)
@@ -211,25 +224,25 @@ class LanguageModelingTask(Task):
         return _PrepareTokens()
 
     def example_spec(self, config) -> dict[str, tuple[tuple[int, ...], Any]]:
-        return {"tokens": ((int(config.data.seq_len) + 1,), np.int32)}
+        return {"tokens": ((int(config.lm.seq_len) + 1,), np.int32)}
 
     def __init__(self, config):
         super().__init__(config)
-        self.seq_len = int(config.data.seq_len)
-        self.vocab_size = int(config.data.vocab_size)
+        self.seq_len = int(config.lm.seq_len)
+        self.vocab_size = int(config.lm.vocab_size)
         if config.data.source == "embedded_text":
             self.bytes_per_token = 1.0
         else:
-            self.bytes_per_token = float(config.data.bytes_per_token)
+            self.bytes_per_token = float(config.lm.bytes_per_token)
 
     def check_config(self, config) -> None:
         overrides = config.model.overrides
-        if "vocab_size" in overrides and overrides.vocab_size != config.data.vocab_size:
+        if "vocab_size" in overrides and overrides.vocab_size != config.lm.vocab_size:
             raise ConfigError(f"config.model.overrides.vocab_size={overrides.vocab_size!r} must "
-                              f"equal config.data.vocab_size={config.data.vocab_size!r}")
-        if "max_seq_len" in overrides and overrides.max_seq_len < config.data.seq_len:
+                              f"equal config.lm.vocab_size={config.lm.vocab_size!r}")
+        if "max_seq_len" in overrides and overrides.max_seq_len < config.lm.seq_len:
             raise ConfigError(f"config.model.overrides.max_seq_len={overrides.max_seq_len!r} is "
-                              f"shorter than config.data.seq_len={config.data.seq_len!r}")
+                              f"shorter than config.lm.seq_len={config.lm.seq_len!r}")
 
     def input_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {"tokens": jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.int32)}
@@ -252,7 +265,7 @@ class LanguageModelingTask(Task):
         elif vocab == BYTE_VOCAB:
             tokens = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
         else:
-            raise ValueError(f"this model has a {vocab}-token vocabulary (config.data.vocab_size),"
+            raise ValueError(f"this model has a {vocab}-token vocabulary (config.lm.vocab_size),"
                              f" not bytes: pass the prompt as --prompt_ids")
         if tokens.size == 0:
             raise ValueError("the prompt is empty: give --prompt text or --prompt_ids")

@@ -13,17 +13,20 @@ MVImgNet/COLMAP loaders produce; all views of a scene share the intrinsics. Imag
 to (data.image_size, data.image_width) (H x W; the intrinsics scale with them).
 `write_multiview_dataset` writes this format (the tests use it on generated scenes).
 
-The embedded default (`data.source = "generated_multiview"`): `data.num_scenes` scenes (and an
+The embedded default (`data.source = "generated_multiview"`): `views.num_scenes` scenes (and an
 eighth as many for eval) of one or two Lambert-shaded, striped spheres inside [-0.6, 0.6]^3 on
-black, seen by `data.views_per_scene` cameras at distance 1.3 looking at the origin from random
+black, seen by `views.views_per_scene` cameras at distance 1.3 looking at the origin from random
 directions of the upper hemisphere; focal = 1.2 * image height. Deterministic per split.
 
 An example (NViST's relative-pose convention, `get_inverse_pose`): one input view and
-`data.target_views` other views of the same scene (random at training; views 0 | 1.. at eval).
+`views.target_views` other views of the same scene (random at training; views 0 | 1.. at eval).
 Poses are re-expressed in the frame where the input camera has identity rotation and sits at
 (0, 0, -d), d = its distance to the world origin. camera_params = [d, focal_y / H]. Per target
-view `data.rays_per_view` random pixels give rays and colours (training); the first target
-view is also given whole (rays and image) for PSNR/SSIM and images.
+view `views.rays_per_view` random pixels give rays and colours (training); the first target
+view is also given whole (rays and image) for PSNR/SSIM and images. These per-example counts
+are the task's own config subtree `config.views` (`NovelViewSynthesisTask.default_config`);
+the image size stays in `config.data` (data.image_size is the height, data.image_width the
+width, 0 = square).
 
 Task: loss = MSE(rendered, target colours) + 0.001 * distortion loss (NViST's weights; LPIPS is
 not used: it would need VGG weights). Eval renders the whole first target view of each
@@ -40,6 +43,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from zoo.training import image_ops
@@ -197,12 +201,12 @@ def _image_shape(config) -> tuple[int, int]:
 
 
 def open_split(config, split: str) -> SceneSource:
-    d = config.data
+    d, v = config.data, config.views
     height, width = _image_shape(config)
     if d.source == "generated_multiview":
         is_eval = split == d.eval_split
-        count = max(d.num_scenes // 8, 1) if is_eval else d.num_scenes
-        return SceneSource(scenes=generate_scenes(count, d.views_per_scene, height, width,
+        count = max(v.num_scenes // 8, 1) if is_eval else v.num_scenes
+        return SceneSource(scenes=generate_scenes(count, v.views_per_scene, height, width,
                                                   seed=1 + int(is_eval)))
     root = os.path.join(os.path.expanduser(d.path), split)
     if not os.path.isdir(root):
@@ -215,17 +219,17 @@ def open_split(config, split: str) -> SceneSource:
 
 
 def _check_data(config) -> None:
-    d = config.data
+    d, v = config.data, config.views
     if d.source not in SOURCES:
         raise ValueError(f"config.data.source={d.source!r} is invalid for task {TASK!r}; "
                          f"allowed: {SOURCES}")
-    if d.target_views < 1 or d.views_per_scene < d.target_views + 1:
-        raise ValueError(f"config.data.target_views={d.target_views} needs >= 1 and "
-                         f"views_per_scene={d.views_per_scene} >= target_views + 1")
-    if d.rays_per_view < 1:
-        raise ValueError(f"config.data.rays_per_view={d.rays_per_view} must be >= 1")
-    if d.source == "generated_multiview" and d.num_scenes < 1:
-        raise ValueError(f"config.data.num_scenes={d.num_scenes} must be >= 1")
+    if v.target_views < 1 or v.views_per_scene < v.target_views + 1:
+        raise ValueError(f"config.views.target_views={v.target_views} needs >= 1 and "
+                         f"config.views.views_per_scene={v.views_per_scene} >= target_views + 1")
+    if v.rays_per_view < 1:
+        raise ValueError(f"config.views.rays_per_view={v.rays_per_view} must be >= 1")
+    if d.source == "generated_multiview" and v.num_scenes < 1:
+        raise ValueError(f"config.views.num_scenes={v.num_scenes} must be >= 1")
 
 
 def orbit_pose(theta: float, distance: float) -> np.ndarray:
@@ -289,7 +293,7 @@ class PrepareViews:
 
 def _example_spec(config):
     h, w = _image_shape(config)
-    n = int(config.data.target_views) * int(config.data.rays_per_view)
+    n = int(config.views.target_views) * int(config.views.rays_per_view)
     return {"image": ((h, w, 3), np.float32), "camera_params": ((2,), np.float32),
             "rays_o": ((n, 3), np.float32), "rays_d": ((n, 3), np.float32),
             "rgb": ((n, 3), np.float32), "view_rays_o": ((h * w, 3), np.float32),
@@ -336,6 +340,16 @@ class NovelViewSynthesisTask(Task):
     """Photometric + distortion loss; eval PSNR/SSIM of a whole held-out view (docstring)."""
 
     sources = SOURCES
+    config_key = "views"
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.views_per_scene = 6  # generated_multiview: views rendered per scene
+        c.num_scenes = 64  # generated_multiview: train scenes (eval: an eighth)
+        c.target_views = 4  # views an example renders besides its input view
+        c.rays_per_view = 64  # random pixels per target view and training example
+        return c
 
     def check_data(self, config) -> None:
         _check_data(config)
@@ -344,8 +358,8 @@ class NovelViewSynthesisTask(Task):
         return open_split(config, split)
 
     def make_preparer(self, config) -> PrepareViews:
-        return PrepareViews(*_image_shape(config), int(config.data.target_views),
-                            int(config.data.rays_per_view))
+        return PrepareViews(*_image_shape(config), int(config.views.target_views),
+                            int(config.views.rays_per_view))
 
     def example_spec(self, config) -> dict[str, tuple[tuple[int, ...], Any]]:
         return _example_spec(config)
@@ -353,7 +367,7 @@ class NovelViewSynthesisTask(Task):
     def __init__(self, config):
         super().__init__(config)
         self.height, self.width = _image_shape(config)
-        self.rays = int(config.data.target_views) * int(config.data.rays_per_view)
+        self.rays = int(config.views.target_views) * int(config.views.rays_per_view)
 
     def check_config(self, config) -> None:
         size = config.model.overrides.get("image_size")

@@ -1,7 +1,9 @@
 """Config validation: every mistake a run config can make is reported as one line before any
 device work or compilation starts.
 
-The schema is `configs.common.base_config()`: a key it does not have is a typo, a value of
+The schema is `configs.common.base_config(config.task)`: the shared fields plus the subtree
+of the config's task (`config.lm`, `config.views`, ...; an unregistered task is reported
+first). A key it does not have is a typo (a subtree of another task included), a value of
 another type is a mistake (the only free-form subtree is `model.overrides`, which the model
 builder checks). After the schema come the values, then their fit to the devices at hand
 (mesh shape, batch divisibility), then the model (built abstractly, so a patch size that does
@@ -52,8 +54,12 @@ def check_schema(config: ml_collections.ConfigDict, reference: ml_collections.Co
     for key in config.keys():
         path = prefix + key
         if key not in reference:
-            raise ConfigError(f"config.{path} is not a known config field; allowed keys here: "
-                              f"{sorted(reference.keys())}")
+            owners = [] if prefix else [name for name in tasks.list_tasks()
+                                        if tasks.task_class(name).config_key == key]
+            owner = (f" (the subtree of task {owners[0]!r}; config.task="
+                     f"{config.get('task')!r})") if owners else ""
+            raise ConfigError(f"config.{path} is not a known config field{owner}; allowed keys "
+                              f"here: {sorted(reference.keys())}")
         default, value = reference[key], config[key]
         if path in _FREE_FORM:
             if not isinstance(value, (ml_collections.ConfigDict, dict)):
@@ -186,6 +192,17 @@ def _check_model(c) -> None:
                           f"{dict(c.model.overrides)} cannot be built: {detail}") from None
 
 
+def _schema(config, common) -> ml_collections.ConfigDict:
+    """The schema of `config`'s task: `common.base_config(config.task)`. An unregistered task
+    is a ConfigError here; a missing or non-string task falls back to the default schema, which
+    check_schema then reports as missing or of the wrong type."""
+    task = config.get("task")
+    if not isinstance(task, str):
+        return common.base_config()
+    tasks.task_class(task)  # the one-line "is not a registered task" error
+    return common.base_config(task)
+
+
 def validate_config(config, *, num_devices: int, num_processes: int = 1,
                     training: bool = True) -> tuple[int, ...]:
     """Raises ConfigError for the first problem found; returns the resolved mesh shape.
@@ -196,7 +213,7 @@ def validate_config(config, *, num_devices: int, num_processes: int = 1,
     # The schema lives with the config files (repo root), which the installed package lacks.
     from configs import common
 
-    check_schema(config, common.base_config())
+    check_schema(config, _schema(config, common))
     _check_values(config)
     mesh_shape = _check_mesh(config, num_devices)
     _check_batch(config, mesh_shape, num_processes, training=training)

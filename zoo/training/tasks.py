@@ -5,7 +5,10 @@ A task owns both halves of what differs between projects:
     through the batch "mask") and the shapes of the model inputs;
   * the data half: which `config.data.source` values it reads, how it opens a split
     (random access to raw examples), how an example becomes arrays (a picklable preparer that
-    grain may run in worker processes), and the per-example shapes of a batch.
+    grain may run in worker processes), and the per-example shapes of a batch;
+  * its own config subtree: the fields only it reads live in `config.<config_key>` (schema and
+    defaults from `default_config()`), which `configs.common.base_config(task)` adds, so the
+    shared `config.data` holds only what every task may read.
 The loop (zoo/training/trainer.py) and the input pipeline (zoo/training/pipeline.py) call only
 the methods of `Task`. A new task is a `@register_task` class in a new module of zoo/tasks/
 (found there on the first lookup), with its data beside it; classification lives in the
@@ -22,6 +25,7 @@ import pkgutil
 from typing import Any, Callable, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -89,6 +93,15 @@ class Task:
     sources: tuple[str, ...] = ()
     # The options `write_samples` takes (the sampling CLIs pass these flags); () = no samples.
     sample_options: tuple[str, ...] = ()
+    # The name of this task's own config subtree (config.<config_key>), whose schema and
+    # defaults are `default_config()`; None = the task reads only the shared fields.
+    config_key: str | None = None
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict | None:
+        """The fields of config.<config_key> with their defaults (documented inline, like
+        configs/common.py), or None for a task without a subtree."""
+        return None
 
     def __init__(self, config):
         self.config = config
