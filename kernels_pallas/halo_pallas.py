@@ -50,7 +50,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 
 F32 = jnp.float32
@@ -105,6 +104,9 @@ class _Static:
     def compiler_params(self):
         if self.backend == "tpu":
             return None
+        # Imported on the GPU path only: the TPU lowering must not depend on Triton's Pallas
+        # module (deprecated and absent from some jax builds).
+        from jax.experimental.pallas import triton as pl_triton
         return pl_triton.CompilerParams(num_warps=4, num_stages=2)
 
     @property

@@ -9,6 +9,10 @@ occur. Tolerances: kernels.md (f32 1e-5 relative; bf16 1e-2).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +160,30 @@ def test_kernels_lower_for_tpu_through_mosaic(with_grad):
     text = _lowered_text(8, 3, (64, 64), 1, 16, 16, jnp.float32, with_grad, platform="tpu")
     assert text.count("tpu_custom_call") == (3 if with_grad else 1)
     assert TRITON_CALL not in text
+
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["jax.experimental.pallas.triton"] = None  # any import of it now fails
+import jax, jax.numpy as jnp
+from kernels_pallas import halo_pallas
+args = [jnp.ones((2, 16, 16, 2, 16), jnp.float32)] * 3 + [jnp.ones((27, 16), jnp.float32)] * 2
+fn = lambda *a: halo_pallas.tpu_halo_attention(*a, block=8, halo=3, q_stride=1, scale=0.25,
+                                               scale_relative=False, interpret=False)
+grad = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=range(5))
+text = jax.jit(grad).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+assert text.count("tpu_custom_call") == 3
+print("lowered without triton")
+"""
+
+
+def test_tpu_halo_lowering_never_imports_triton():
+    # Triton's Pallas module is deprecated on TPU-only installs; the TPU path must not need it.
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True,
+                            text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lowered without triton" in result.stdout
 
 
 def test_mosaic_lowering_really_runs_on_this_machine(monkeypatch):
