@@ -8,6 +8,7 @@ Semantics are defined by `kernels_pallas.reference.attention_reference`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
@@ -20,7 +21,7 @@ import numpy as np
 from kernels_pallas import sharding
 from kernels_pallas.reference import attention_reference
 
-IMPLS = ("auto", "pallas", "xla", "interpret")
+IMPLS = ("auto", "pallas", "cudnn", "xla", "interpret")
 LOGITS = ("softmax", "sigmoid")
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -35,6 +36,108 @@ _BACKENDS = {
 # impl="interpret" runs the GPU (Triton-style) kernel through the Pallas interpreter: it needs
 # no accelerator, which is what CPU tests use.
 _INTERPRET_BACKEND = "gpu"
+
+# ---------------------------------------------------------------------------------------------
+# The dispatch policy of impl="auto": per backend, the routes in order of preference, each with
+# the requirements a call must meet. The first route whose requirements all hold is taken.
+# `route_for` applies it; tests/kernels/test_dispatch.py checks which call goes where.
+#
+#   gpu  cudnn   jax.nn.dot_product_attention(implementation="cudnn"): cuDNN's fused
+#                attention, likely 1.7-3x our untuned Triton kernel for the plain bf16/f16
+#                softmax calls it accepts (an estimate from the code; bench/attention.py
+#                measures it on a device). Only while CUDNN_ROUTING is on (below).
+#        pallas  our Triton kernel: sigmoid, segment ids, lengths, float32, shapes cuDNN
+#                rejects.
+#   tpu  pallas  our Mosaic kernel. jax's splash attention is not routed to: it is unmeasured
+#                against ours here (no TPU was available), and the policy changes only by
+#                measurement.
+#   cpu  xla     the pure-jnp reference (XLA fuses it; interpreting a kernel is far slower).
+#
+# impl="pallas" always forces our kernel, impl="cudnn" forces cuDNN (an error naming the unmet
+# requirements if the call is not one it takes), impl="xla" the reference.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CallFacts:
+    """What the dispatcher looks at: static facts of one normalised attention call."""
+    dtype: str
+    head_dim: int
+    value_head_dim: int
+    logits: str
+    bias_shape: tuple[int, ...] | None  # 4-D [B|1, H|1, Tq|1, Tk|1], or None
+    seq_q: int
+    seq_k: int
+    has_lengths: bool
+    has_segment_ids: bool
+
+
+# (requirement, predicate) pairs; the requirement text is what an error or `explain_route`
+# shows.
+CUDNN_REQUIREMENTS = (
+        ("logits='softmax'", lambda c: c.logits == "softmax"),
+        ("dtype bfloat16 or float16", lambda c: c.dtype in ("bfloat16", "float16")),
+        ("head_dim a multiple of 8 and <= 256",
+         lambda c: c.head_dim % 8 == 0 and c.head_dim <= 256),
+        ("value head_dim equal to head_dim", lambda c: c.value_head_dim == c.head_dim),
+        ("no segment ids", lambda c: not c.has_segment_ids),
+        # cuDNN's padding masks take lengths, but a fully padded query row's output (ours: 0)
+        # is unverified: lengths stay on our kernel.
+        ("no q_lengths/kv_lengths", lambda c: not c.has_lengths),
+        ("bias absent or full over (Tq, Tk) (broadcast over batch/heads allowed)",
+         lambda c: c.bias_shape is None or c.bias_shape[2:] == (c.seq_q, c.seq_k)),
+)
+DISPATCH_TABLE: dict[str, tuple[tuple[str, tuple], ...]] = {
+        "gpu": (("cudnn", CUDNN_REQUIREMENTS), ("pallas", ())),
+        "tpu": (("pallas", ()),),
+}
+DEFAULT_ROUTE = "xla"  # any other backend (CPU)
+
+# cuDNN routing is switched on only once the GPU suite has shown that cuDNN's semantics are
+# ours where they could differ: causal masking with Tq != Tk (top-left aligned here), a query
+# row with no valid key returning 0, and bias gradients of broadcast shapes
+# (tests/kernels/test_dispatch.py::test_cudnn_semantics_match_ours_on_gpu). That test has not
+# run on a GPU yet, so `auto` still sends every GPU call to our kernel. impl="cudnn" works
+# regardless (for that test and for bench/attention.py).
+CUDNN_ROUTING = False
+
+
+def call_facts(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, options) -> CallFacts:
+    """The `CallFacts` of a normalised call (arrays and options from `normalise_arguments`)."""
+    return CallFacts(
+            dtype=jnp.dtype(q.dtype).name, head_dim=int(q.shape[3]),
+            value_head_dim=int(v.shape[3]), logits=options["logits"],
+            bias_shape=None if bias is None else tuple(int(d) for d in bias.shape),
+            seq_q=int(q.shape[1]), seq_k=int(k.shape[1]),
+            has_lengths=q_lengths is not None or kv_lengths is not None,
+            has_segment_ids=q_segment_ids is not None)
+
+
+def unmet_requirements(route: str, facts: CallFacts) -> list[str]:
+    """The requirements of `route` (in any backend's table) that the call does not meet."""
+    rules = next((rules for routes in DISPATCH_TABLE.values() for name, rules in routes
+                  if name == route), ())
+    return [text for text, holds in rules if not holds(facts)]
+
+
+def route_for(facts: CallFacts, backend: str, *, cudnn_routing: bool | None = None) -> str:
+    """The route impl="auto" takes for a call with `facts` on `backend` (see the table)."""
+    enabled = CUDNN_ROUTING if cudnn_routing is None else cudnn_routing
+    for route, _ in DISPATCH_TABLE.get(backend, ()):
+        if route == "cudnn" and not enabled:
+            continue
+        if not unmet_requirements(route, facts):
+            return route
+    return DEFAULT_ROUTE
+
+
+def cudnn_attention(q, k, v, bias, *, causal: bool, scale: float):
+    """cuDNN's fused attention through jax (same [B, T, H, D] layout as ours)."""
+    if bias is not None:
+        bias = bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal,
+                                        implementation="cudnn")
+
 
 # Logical activation names of the kernel operands (kernels_pallas/sharding.py). Sequence and
 # head_dim dimensions are None: a kernel reads whole sequences.
@@ -65,9 +168,11 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
         logits: "softmax", or "sigmoid" for sigmoid(s + sigmoid_bias) weights without row
             normalisation (Ramapuram et al. 2024).
         sigmoid_bias: scalar added to the logits before the sigmoid; default -log(Tk).
-        impl: "pallas" (the kernel for the current backend), "xla" (the pure-jnp reference),
-            "interpret" (the GPU kernel in the Pallas interpreter) or "auto" (pallas on GPU and
-            TPU, xla elsewhere).
+        impl: "auto" (the dispatch policy, `DISPATCH_TABLE`: our kernels on GPU and TPU, cuDNN
+            for the plain calls it takes once `CUDNN_ROUTING` is on, xla elsewhere),
+            "pallas" (our kernel for the current backend, always), "cudnn" (cuDNN's fused
+            attention via jax; GPU, plain softmax calls only), "xla" (the pure-jnp reference)
+            or "interpret" (the GPU kernel in the Pallas interpreter).
         block_q, block_k: kernel tile sizes (powers of two); default per backend. On TPU
             block_q must also be >= 8 (16 for 16-bit dtypes) and block_k a multiple of 128,
             unless one block covers the whole sequence.
@@ -79,35 +184,51 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
                       kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
                       kv_segment_ids=kv_segment_ids, logits=logits, sigmoid_bias=sigmoid_bias,
                       impl=impl, block_q=block_q, block_k=block_k)
-    resolved = resolve_impl(impl)
     (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids), options = args
+    facts = call_facts(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, options)
+    resolved = resolve_impl(impl, facts)
     if resolved == "xla":
         return attention_reference(
                 q, k, v, bias, causal=options["causal"], scale=options["scale"],
                 q_lengths=q_lengths, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
                 kv_segment_ids=kv_segment_ids, logits=options["logits"],
                 sigmoid_bias=options["sigmoid_bias"])
-    if resolved == "interpret":
-        kernel, interpret = _kernel_for(_INTERPRET_BACKEND), True
+    if resolved == "cudnn":
+        def kernel(q, k, v, bias, *_):  # no lengths or segment ids reach this route
+            return cudnn_attention(q, k, v, bias, causal=options["causal"],
+                                   scale=options["scale"])
+    elif resolved == "interpret":
+        kernel = functools.partial(_kernel_for(_INTERPRET_BACKEND), interpret=True, **options)
     else:
-        kernel, interpret = _kernel_for(jax.default_backend()), False
+        kernel = functools.partial(_kernel_for(jax.default_backend()), interpret=False,
+                                   **options)
     # Inside a mesh the kernel runs per shard: batch over the data axes, heads over `tensor`
     # (kernels_pallas/sharding.py). The XLA reference above needs no such help: XLA partitions it.
     return sharding.shard_kernel(
-            functools.partial(kernel, interpret=interpret, **options),
+            kernel,
             (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids),
             (_QKV_NAMES, _QKV_NAMES, _QKV_NAMES, _BIAS_NAMES, _LENGTHS_NAMES, _LENGTHS_NAMES,
              _SEGMENT_NAMES, _SEGMENT_NAMES),
             _QKV_NAMES, what="attention")
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps "auto" to "pallas" on GPU/TPU and "xla" elsewhere; checks `impl`."""
+def resolve_impl(impl: str, facts: CallFacts) -> str:
+    """The route of a call: `route_for` under impl="auto", else `impl` checked against the
+    backend and the call."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     backend = jax.default_backend()
     if impl == "auto":
-        return "pallas" if backend in _BACKENDS else "xla"
+        return route_for(facts, backend)
+    if impl == "cudnn":
+        if backend != "gpu":
+            raise ValueError(f"impl='cudnn' needs a GPU backend, this process runs on "
+                             f"{backend!r}")
+        unmet = unmet_requirements("cudnn", facts)
+        if unmet:
+            raise ValueError(f"impl='cudnn' cannot take this call ({facts}); it needs: "
+                             f"{'; '.join(unmet)}. impl='pallas' takes any call")
+        return impl
     if impl == "pallas" and backend not in _BACKENDS:
         raise ValueError(f"impl='pallas' needs a GPU or TPU backend, this process runs on "
                          f"{backend!r}; use impl='interpret' (the GPU kernel, interpreted) or "
