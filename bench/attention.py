@@ -7,6 +7,15 @@ bias, sequences that divide its blocks). Shapes: the FlashAttention-3 paper grid
 H*D = 2048, S = 512 ... 16k, head_dim 64 and 128, causal off/on) and the zoo's shapes (Swin/VSA
 49x49 windows, HaloNet 64x196 blocks, NViST 817x576 cross attention).
 
+Correctness first: before any implementation is timed on a shape, its forward and every
+gradient (q, k, v, bias) are compared with the float32 reference (`attention_reference`) on a
+cut-down copy of the shape (batch 1, at most 2 heads and 1024 tokens per side, same head_dim,
+causality and bias kind), by relative L2 error against the tolerance of the kernel tests. A
+failing implementation is reported and not timed, and the script exits with status 1.
+
+The "speed vs" column is fwd+bwd speed relative to cuDNN (cuDNN time / this time; > 1 is faster),
+or to XLA where cuDNN does not take the shape or is not in the table.
+
 Protocol: jit, warm-up calls (compile excluded), then the median of --runs timed calls, cycling
 through --input-sets different input sets so no call reuses the previous call's inputs. The
 backward is timed on its own (the VJP function applied to the saved residuals). FLOPs follow the
@@ -33,9 +42,12 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels_pallas import attention  # noqa: E402
+from kernels_pallas import attention, attention_reference  # noqa: E402
 
 IMPLS = ("ours", "ours_sigmoid", "xla", "cudnn", "pallas_mha")
+# rel-L2 bounds of the correctness check (tests/kernels/test_attention.py's table).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 3e-3}
+CHECK_MAX_TOKENS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +133,47 @@ def attention_fn(impl: str, shape: Shape, kernel_impl: str):
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
 
 
+def check_shape(shape: Shape) -> Shape:
+    """The cut-down copy of `shape` the correctness check runs on."""
+    return dataclasses.replace(shape, name=shape.name + " (check)", batch=1,
+                               heads=min(shape.heads, 2), tq=min(shape.tq, CHECK_MAX_TOKENS),
+                               tk=min(shape.tk, CHECK_MAX_TOKENS))
+
+
+def check_one(impl: str, fn, shape: Shape, dtype) -> list[tuple[str, float]]:
+    """[(what, rel-L2 error)] of `fn` against the f32 reference: output and each gradient."""
+    small = check_shape(shape)
+    arrays, d_out = make_inputs(small, dtype, seed=123)
+    logits = "sigmoid" if impl == "ours_sigmoid" else "softmax"
+
+    def reference(q, k, v, bias):
+        return attention_reference(q, k, v, bias, causal=small.causal, logits=logits)
+
+    def value_and_grads(f, inputs):
+        present = [i for i, a in enumerate(inputs) if a is not None]
+
+        def loss(*diff):
+            full = list(inputs)
+            for i, a in zip(present, diff):
+                full[i] = a
+            out = f(*full)
+            return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), out
+
+        grads, out = jax.jit(jax.grad(loss, argnums=tuple(range(len(present))), has_aux=True))(
+                *[inputs[i] for i in present])
+        return [out, *grads]
+
+    upcast = [None if a is None else a.astype(jnp.float32) for a in arrays]
+    names = ["out"] + [n for n, a in zip(("dq", "dk", "dv", "dbias"), arrays) if a is not None]
+    errors = []
+    for name, got, want in zip(names, value_and_grads(fn, list(arrays)),
+                               value_and_grads(reference, upcast)):
+        got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
+        error = float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), 1e-30))
+        errors.append((name, error if bool(jnp.all(jnp.isfinite(got))) else float("inf")))
+    return errors
+
+
 def _median_time(fn, input_sets, runs: int, warmup: int) -> float:
     for i in range(warmup):
         jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
@@ -197,23 +250,44 @@ def main(argv=None):
           f"jax {jax.__version__};  dtype {dtype.name};  ours = impl={kernel_impl!r}")
     print(f"# median of {runs} runs after {warmup} warm-up calls, {args.input_sets} input sets "
           f"rotated; TFLOP/s: fwd 4BHTqTkD (/2 causal), bwd 2.5x, fwd+bwd 3.5x")
+    print(f"# correctness: fwd and grads vs the f32 reference on batch 1, <= 2 heads, <= "
+          f"{CHECK_MAX_TOKENS} tokens per side; rel-L2 < {TOLERANCE[dtype.name]:g}")
+    failures = []
     for shape in shapes:
         print(f"\n## {shape.name}: B={shape.batch} Tq={shape.tq} Tk={shape.tk} H={shape.heads} "
               f"D={shape.head_dim} causal={shape.causal} bias={shape.bias}")
         print(f"{'impl':<14}" + "".join(f"{p + ' ms':>12}{'TFLOP/s':>9}"
-                                        for p in ("fwd", "bwd", "fwd+bwd")))
+                                        for p in ("fwd", "bwd", "fwd+bwd"))
+              + f"{'max err':>10}{'speed vs':>14}")
         inputs = [make_inputs(shape, dtype, seed) for seed in range(args.input_sets)]
+        rows = {}
         for impl in impls:
             try:
                 fn = attention_fn(impl, shape, kernel_impl)
+                errors = check_one(impl, fn, shape, dtype)
+                worst = max(error for _, error in errors)
+                if not worst < TOLERANCE[dtype.name]:
+                    detail = ", ".join(f"{name} {error:.1e}" for name, error in errors)
+                    print(f"{impl:<14}  FAILED correctness, not timed: {detail}")
+                    failures.append(f"{shape.name} / {impl}")
+                    continue
                 result = bench_one(fn, inputs, runs, warmup)
             except Exception as error:  # noqa: BLE001 (a benchmark row reports, not raises)
                 reason = str(error).strip().splitlines()[0][:90] if str(error) else ""
                 print(f"{impl:<14}  n/a: {type(error).__name__}: {reason}")
                 continue
+            rows[impl] = (result, worst)
+        baseline = "cudnn" if "cudnn" in rows else "xla" if "xla" in rows else None
+        for impl, (result, worst) in rows.items():
             cells = "".join(f"{result[p] * 1e3:>12.3f}{shape.flops(p) / result[p] / 1e12:>9.2f}"
                             for p in ("fwd", "bwd", "fwd+bwd"))
-            print(f"{impl:<14}{cells}")
+            speed = (f"{rows[baseline][0]['fwd+bwd'] / result['fwd+bwd']:>8.2f}x {baseline:<5}"
+                     if baseline else f"{'-':>14}")
+            print(f"{impl:<14}{cells}{worst:>10.1e}{speed}")
+    print("\n# speed vs: fwd+bwd speed relative to cuDNN, or to XLA where cuDNN is absent")
+    if failures:
+        print(f"# FAILED correctness: {failures}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
