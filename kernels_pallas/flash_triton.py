@@ -2,7 +2,10 @@
 
 Why this shape of kernel:
   * Forward: one program per (q block, batch, head) streams key/value blocks with an online
-    softmax and saves the row log-sum-exp (natural log) for the backward. Sigmoid logits need
+    softmax and saves the row log-sum-exp for the backward. Softmax logits are kept in base 2
+    (x log2(e), folded into the one multiply by the scale), so every exponential is an exp2,
+    the GPU's native instruction (exp costs an extra multiply per logit); the saved
+    log-sum-exp is base 2 too. Probabilities, and so every gradient, are unchanged. Sigmoid logits need
     no row statistics: the program just accumulates sigmoid(s + b) @ V.
   * Backward: deterministic, without atomics: a dK/dV kernel (one program per key block,
     looping over query blocks) and a dQ kernel (one program per query block, looping over key
@@ -36,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 F32 = jnp.float32
+LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2_E)
 MIN_BLOCK = 16  # smallest tile side Triton's dot accepts
 # The dbias pass splits a batch-broadcast bias's batch loop until about this many programs run.
 DBIAS_TARGET_PROGRAMS = 256
@@ -56,6 +60,9 @@ class _Static:
     block_k_bwd: int
     has_segments: bool
     interpret: bool
+    # Triton launch parameters; None = by head width (4 warps up to 64, else 8) and 2 stages.
+    num_warps: int | None = None
+    num_stages: int | None = None
 
     @property
     def head_dim_padded(self) -> int:
@@ -67,7 +74,8 @@ class _Static:
 
     def compiler_params(self):
         widest = max(self.head_dim_padded, self.value_dim_padded)
-        return pl_triton.CompilerParams(num_warps=4 if widest <= 64 else 8, num_stages=2)
+        warps = self.num_warps or (4 if widest <= 64 else 8)
+        return pl_triton.CompilerParams(num_warps=warps, num_stages=self.num_stages or 2)
 
 
 def default_blocks(tq: int, tk: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -86,14 +94,21 @@ def default_blocks(tq: int, tk: int, head_dim: int) -> tuple[int, int, int, int]
 
 def gpu_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, *,
                   causal: bool, scale: float, logits: str, sigmoid_bias: float | None,
-                  block_q: int | None, block_k: int | None, interpret: bool = False):
+                  block_q: int | None, block_k: int | None, interpret: bool = False,
+                  num_warps: int | None = None, num_stages: int | None = None):
     """Attention on validated, normalised arguments (see `kernels_pallas.api`).
 
     q [B,Tq,H,D], k [B,Tk,H,D], v [B,Tk,H,Dv]; bias None or 4-D with each dim full or 1;
     lengths None or int32 [B]; segment ids None or int32 [B,Tq]/[B,Tk]. `block_q`/`block_k`
-    override the tiles of every pass. Returns [B,Tq,H,Dv] in q.dtype; differentiable in
+    override the tiles of every pass, `num_warps`/`num_stages` Triton's launch parameters
+    (for tuning; bench/attention.py). Returns [B,Tq,H,Dv] in q.dtype; differentiable in
     q, k, v and bias.
     """
+    for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1 or (name == "num_warps" and value & (value - 1))):
+            raise ValueError(f"{name} must be None or a positive integer"
+                             f"{' power of two' if name == 'num_warps' else ''}, got {value!r}")
     batch, tq, _, head_dim = q.shape
     tk = k.shape[1]
     fwd_q, fwd_k, bwd_q, bwd_k = default_blocks(tq, tk, head_dim)
@@ -109,7 +124,8 @@ def gpu_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segmen
                      sigmoid_bias=0.0 if sigmoid_bias is None else sigmoid_bias,
                      head_dim=head_dim, value_dim=v.shape[3], block_q=fwd_q, block_k=fwd_k,
                      block_q_bwd=bwd_q, block_k_bwd=bwd_k,
-                     has_segments=q_segment_ids is not None, interpret=interpret)
+                     has_segments=q_segment_ids is not None, interpret=interpret,
+                     num_warps=num_warps, num_stages=num_stages)
     return _padded_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids,
                              kv_segment_ids, static)
 
@@ -212,19 +228,23 @@ def _valid(static, q_pos, k_pos, q_len, kv_len, q_seg, kv_seg):
 
 
 def _logits(static, q, k, bias_tile):
-    s = _dot(q, k, transpose_b=True) * static.scale
+    """Logits of a tile: natural for sigmoid, base 2 (x log2(e)) for softmax."""
+    factor = LOG2_E if static.logits == "softmax" else 1.0
+    s = _dot(q, k, transpose_b=True) * (static.scale * factor)
     if bias_tile is not None:
-        s = s + bias_tile.astype(F32)
+        bias_tile = bias_tile.astype(F32)
+        s = s + (bias_tile * factor if factor != 1.0 else bias_tile)
     return s
 
 
 def _probabilities(static, s, valid, lse):
     """Attention weights of a tile, zero where masked (valid None: nothing masked)."""
     if static.logits == "softmax":
-        # Masked logits become -inf so exp() gives exactly 0; a fully masked row has lse=+inf.
+        # Masked logits become -inf so exp2() gives exactly 0; a fully masked row has
+        # lse=+inf. Both s and lse are base 2 (see `_logits`).
         if valid is not None:
             s = jnp.where(valid, s, -jnp.inf)
-        return jnp.exp(s - lse[:, None])
+        return jnp.exp2(s - lse[:, None])
     p = jax.nn.sigmoid(s + static.sigmoid_bias)
     return p if valid is None else jnp.where(valid, p, 0.0)
 
@@ -428,8 +448,8 @@ def _forward_kernel(*refs, names, static):
             new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
             # Rows with no valid key yet keep max -inf; shift them by 0 so exp() stays 0.
             shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-            correction = jnp.exp(row_max - shift)
-            p = jnp.exp(s - shift[:, None])
+            correction = jnp.exp2(row_max - shift)
+            p = jnp.exp2(s - shift[:, None])
             row_sum = row_sum * correction + jnp.sum(p, axis=1)
             acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
             return acc, new_max, row_sum
@@ -440,8 +460,8 @@ def _forward_kernel(*refs, names, static):
         has_keys = row_sum > 0
         out = acc / jnp.where(has_keys, row_sum, 1.0)[:, None]
         lse_ref = refs[len(names) + 1]
-        lse_ref[...] = jnp.where(has_keys, row_max + jnp.log(jnp.where(has_keys, row_sum, 1.0)),
-                                 jnp.inf)
+        lse_ref[...] = jnp.where(has_keys,
+                                 row_max + jnp.log2(jnp.where(has_keys, row_sum, 1.0)), jnp.inf)
     else:
         def body(key_block, acc, masked):
             s, valid, v = tile(key_block, masked)

@@ -251,3 +251,24 @@ def test_loop_phases_cover_exactly_the_visible_blocks(causal, segments):
                 assert not any_valid[:first, kb].any() and not any_valid[end:, kb].any()
                 assert first <= lo <= hi <= end
                 assert all_valid[lo:hi, kb].all()
+
+
+def test_triton_launch_parameters_are_exposed_and_checked():
+    static = flash_triton._Static(
+            causal=False, scale=1.0, logits="softmax", sigmoid_bias=0.0, head_dim=128,
+            value_dim=128, block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16,
+            has_segments=False, interpret=True)
+    default = static.compiler_params()
+    assert (default.num_warps, default.num_stages) == (8, 2)
+    tuned = dataclasses.replace(static, num_warps=2, num_stages=4).compiler_params()
+    assert (tuned.num_warps, tuned.num_stages) == (2, 4)
+    q = jnp.ones((1, 16, 1, 16), jnp.float32)
+    args = (q, q, q, None, None, None, None, None)
+    options = dict(causal=False, scale=0.25, logits="softmax", sigmoid_bias=None, block_q=None,
+                   block_k=None, interpret=True)
+    with pytest.raises(ValueError, match="num_warps must be None or a positive integer power"):
+        flash_triton.gpu_attention(*args, num_warps=3, **options)
+    with pytest.raises(ValueError, match="num_stages must be None or a positive integer"):
+        flash_triton.gpu_attention(*args, num_stages=0, **options)
+    out = flash_triton.gpu_attention(*args, num_warps=2, num_stages=3, **options)
+    np.testing.assert_allclose(np.asarray(out), np.ones((1, 16, 1, 16)), rtol=1e-6)
