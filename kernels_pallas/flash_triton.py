@@ -14,7 +14,11 @@ Why this shape of kernel:
     aligned) and `kv_lengths` bound the key loop, causal and `q_lengths` bound the query loop,
     and a q (k) block lying wholly beyond its length does no iterations. Of the blocks that
     remain, only boundary ones (crossing a length or the diagonal, or any block when segment
-    ids are given) pay for the element-wise mask; the others run a mask-free loop body.
+    ids are given) pay for the element-wise mask; the others run a mask-free loop body. With
+    segment ids, a tile whose query and key segment-id ranges do not overlap is skipped
+    (`lax.cond` on the tile's min/max ids, read from the ids the program loads anyway): with
+    packed sequences most off-diagonal tiles hold no valid pair. The test is necessary, not
+    sufficient, for a valid pair, so ids need not be sorted.
   * Bias gradient: a separate pass whose grid follows the bias's own (broadcast) shape; each
     program recomputes dS for the batches/heads/rows/columns its bias tile is broadcast over
     and sums them in registers, so dbias never materialises [B, H, Tq, Tk] for a broadcast
@@ -304,16 +308,38 @@ def _unmasked_query_blocks(static, k_start, block_q, block_k, q_len, kv_len, fir
     return jnp.where(whole_key_block, lo, end), jnp.where(whole_key_block, hi, end)
 
 
-def _phased_loop(phases, body, init):
-    """Runs body(index, carry, masked) over each (lo, hi, masked) range in turn."""
+def _phased_loop(phases, body, init, visible=None):
+    """Runs body(index, carry, masked) over each (lo, hi, masked) range in turn.
+
+    `visible(index)` (a bool scalar), when given, guards the masked phases: a block it rules
+    out keeps the carry unchanged without loading or computing anything.
+    """
     carry = init
     for lo, hi, masked in phases:
-        carry = lax.fori_loop(lo, hi, functools.partial(_call_body, body, masked=masked), carry)
+        guard = visible if masked else None
+        carry = lax.fori_loop(lo, hi, functools.partial(_call_body, body, masked=masked,
+                                                        visible=guard), carry)
     return carry
 
 
-def _call_body(body, index, carry, *, masked):
-    return body(index, carry, masked)
+def _call_body(body, index, carry, *, masked, visible):
+    if visible is None:
+        return body(index, carry, masked)
+    return lax.cond(visible(index), lambda c: body(index, c, masked), lambda c: c, carry)
+
+
+def _segments_overlap(q_seg, kv_seg):
+    """False when no query id of the tile can equal a key id of it (disjoint id ranges)."""
+    low = jnp.maximum(jnp.min(q_seg), jnp.min(kv_seg))
+    return low <= jnp.minimum(jnp.max(q_seg), jnp.max(kv_seg))
+
+
+def _key_tile_overlaps(kv_seg_ref, q_seg, block_k, key_block):
+    return _segments_overlap(q_seg, kv_seg_ref[pl.ds(key_block * block_k, block_k)])
+
+
+def _query_tile_overlaps(q_seg_ref, kv_seg, block_q, query_block):
+    return _segments_overlap(q_seg_ref[pl.ds(query_block * block_q, block_q)], kv_seg)
 
 
 def _bias_tile(bias_ref, rows, cols):
@@ -439,6 +465,8 @@ def _forward_kernel(*refs, names, static):
         return s, valid, v
 
     dvp = static.value_dim_padded
+    visible = (functools.partial(_key_tile_overlaps, ref["kv_seg"], q_seg, bk)
+               if static.has_segments else None)
     if static.logits == "softmax":
         def body(key_block, carry, masked):
             acc, row_max, row_sum = carry
@@ -456,7 +484,7 @@ def _forward_kernel(*refs, names, static):
 
         init = (jnp.zeros((bq, dvp), F32), jnp.full((bq,), -jnp.inf, F32),
                 jnp.zeros((bq,), F32))
-        acc, row_max, row_sum = _phased_loop(phases, body, init)
+        acc, row_max, row_sum = _phased_loop(phases, body, init, visible)
         has_keys = row_sum > 0
         out = acc / jnp.where(has_keys, row_sum, 1.0)[:, None]
         lse_ref = refs[len(names) + 1]
@@ -468,7 +496,7 @@ def _forward_kernel(*refs, names, static):
             p = _probabilities(static, s, valid, None)
             return acc + _dot(p.astype(v.dtype), v)
 
-        out = _phased_loop(phases, body, jnp.zeros((bq, dvp), F32))
+        out = _phased_loop(phases, body, jnp.zeros((bq, dvp), F32), visible)
     _store(o_ref, out, static.value_dim)
 
 
@@ -537,10 +565,13 @@ def _dq_kernel(*refs, names, static):
         ds = _logits_grad(static, p, _dot(d_out, v, transpose_b=True), delta)
         return dq + _dot(ds.astype(k.dtype), k)
 
+    visible = (functools.partial(_key_tile_overlaps, ref["kv_seg"], q_seg, bk)
+               if static.has_segments else None)
+
     num_key_blocks = _key_blocks_for(static, q_start, bq, bk, q_len, kv_len)
     unmasked = _unmasked_key_blocks(static, q_start, bq, bk, q_len, kv_len, num_key_blocks)
     dq = _phased_loop([(0, unmasked, False), (unmasked, num_key_blocks, True)], body,
-                      jnp.zeros((bq, static.head_dim_padded), F32))
+                      jnp.zeros((bq, static.head_dim_padded), F32), visible)
     _store(dq_ref, dq * static.scale, static.head_dim)
 
 
@@ -619,7 +650,10 @@ def _dkv_kernel(*refs, names, static):
     lo, hi = _unmasked_query_blocks(static, k_start, bq, bk, q_len, kv_len, first, end)
     init = (jnp.zeros((bk, static.head_dim_padded), F32),
             jnp.zeros((bk, static.value_dim_padded), F32))
-    dk, dv = _phased_loop([(first, lo, True), (lo, hi, False), (hi, end, True)], body, init)
+    visible = (functools.partial(_query_tile_overlaps, ref["q_seg"], kv_seg, bq)
+               if static.has_segments else None)
+    dk, dv = _phased_loop([(first, lo, True), (lo, hi, False), (hi, end, True)], body, init,
+                          visible)
     _store(dk_ref, dk * static.scale, static.head_dim)
     _store(dv_ref, dv, static.value_dim)
 
@@ -725,6 +759,13 @@ def _dbias_kernel(*refs, names, static, batch, heads, sum_batch, sum_heads, bias
                 k_end = jnp.where(visit, col_tile + 1, col_tile)
 
             def key_block(kb, acc):
+                if static.has_segments:
+                    kv_seg = ref["kv_seg"][b, pl.ds(kb * bk, bk)]
+                    return lax.cond(_segments_overlap(q_seg, kv_seg),
+                                    lambda a: key_tile(kb, a), lambda a: a, acc)
+                return key_tile(kb, acc)
+
+            def key_tile(kb, acc):
                 k_start = kb * bk
                 k = _load_head_rows(ref["k"], b, h, k_start, bk, static.head_dim)
                 v = _load_head_rows(ref["v"], b, h, k_start, bk, static.value_dim)

@@ -52,6 +52,10 @@ CASES = [
              causal=True, block_q=16, block_k=32),
         Case("segments_rpb", tq=48, tk=48, segments=((20, 33), (20, 33)), bias=(1, 2, 48, 48)),
         Case("segments_cross", tq=30, tk=44, segments=((11,), (25,)), q_lengths=(30, 21)),
+        # Packed sequences over several 16-token tiles: tiles with disjoint id ranges are
+        # skipped in every pass (fwd, dQ, dK/dV, dbias).
+        Case("segments_packed_tiles", tq=80, tk=80, segments=((23, 50), (23, 50)),
+             bias=(1, 2, 80, 80), causal=True, block_q=16, block_k=16),
         Case("bias_2d_causal", tq=33, tk=33, head_dim=72, bias=(33, 33), causal=True),
         Case("full_bias_dv", tq=24, tk=56, head_dim=72, value_dim=40, bias=(2, 2, 24, 56)),
         Case("swin_window", batch=4, tq=49, tk=49, heads=3, bias=(1, 3, 49, 49)),
