@@ -21,7 +21,12 @@ Design (FlashAttention-2 on the TPU memory hierarchy):
   dS = dP * sigma * (1 - sigma).
 * Bias gradient. dS is the bias gradient. Where the bias is broadcast along a sequence axis it
   is summed in-kernel along the inner grid loop (key axis in the dQ kernel, query axis in the
-  dK/dV kernel); broadcast batch and head axes are summed afterwards by XLA.
+  dK/dV kernel); broadcast batch and head axes of those (small) partials are summed by XLA.
+  A bias full over (Tq, Tk) but broadcast over batch or heads (Swin's relative position bias
+  [1, H, Tq, Tk]) gets its own kernel, whose innermost grid axes walk the broadcast batch and
+  heads and accumulate each (q block, kv block) tile in VMEM: its gradient is written once in
+  the bias's own shape and [B, H, Tq, Tk] never exists (the dQ kernel would otherwise write it
+  per tile for XLA to sum). It recomputes the tile's probabilities, one more QK^T and dO V^T.
 * Sparsity. Sequence lengths are scalar-prefetched into SMEM. A (q block, kv block) pair that
   is entirely masked (causal, lengths) is skipped with `pl.when`, and the index maps clamp the
   block index to the last useful block so that no DMA is issued for skipped steps (a repeated
@@ -77,6 +82,20 @@ class _Config:
         """A bias broadcast over queries only is reduced along the dK/dV kernel's q loop."""
         return (self.bias_shape is not None and self.bias_shape[2] == 1
                 and self.bias_shape[3] > 1)
+
+    @property
+    def bias_grad_own_kernel(self) -> bool:
+        """A bias full over (Tq, Tk), broadcast over batch or heads: reduced in `_dbias_kernel`."""
+        if self.bias_shape is None:
+            return False
+        bb, hb, tqb, tkb = self.bias_shape
+        return (tqb > 1 and tkb > 1
+                and ((bb == 1 and self.batch > 1) or (hb == 1 and self.heads > 1)))
+
+    @property
+    def bias_grad_in_dq(self) -> bool:
+        return (self.bias_shape is not None and not self.bias_grad_in_dkv
+                and not self.bias_grad_own_kernel)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -466,7 +485,7 @@ def _dq_kernel(q_len_ref, kv_len_ref, *refs, cfg: _Config):
     q_seg_ref = _take(refs, cfg.segments)
     kv_seg_ref = _take(refs, cfg.segments)
     dq_ref = next(refs)
-    dbias_ref = _take(refs, cfg.bias_shape is not None and not cfg.bias_grad_in_dkv)
+    dbias_ref = _take(refs, cfg.bias_grad_in_dq)
     dq_acc = next(refs)
     # Per-tile bias gradient, or (bias broadcast over keys) a row sum kept over the kv loop.
     bias_grad_per_tile = dbias_ref is not None and cfg.bias_shape[3] > 1
@@ -581,7 +600,7 @@ def _backward(cfg: _Config, residuals, do):
             lambda b, h, i, j, ql, kl: (b, 0, kv_block_dq(b, i, j, kl)))
     out_shape = [jax.ShapeDtypeStruct((*grid_b_h, tq_pad, cfg.head_dim), q.dtype)]
     out_specs = [pl.BlockSpec((sq, sq, bq, cfg.head_dim), q_map_dq)]
-    if bias is not None and not cfg.bias_grad_in_dkv:
+    if cfg.bias_grad_in_dq:
         if cfg.bias_shape[3] > 1:
             out_shape.append(jax.ShapeDtypeStruct((*grid_b_h, tq_pad, tk_pad), jnp.float32))
             out_specs.append(pl.BlockSpec((sq, sq, bq, bk),
@@ -602,13 +621,93 @@ def _backward(cfg: _Config, residuals, do):
     dq = dq_outs[0]
 
     dbias = None
-    if bias is not None:
+    if cfg.bias_grad_own_kernel:
+        dbias = _backward_dbias(cfg, q, k, v, do, o, lse, bias, q_len, kv_len, q_seg, kv_seg)
+        dbias = dbias.astype(bias.dtype)
+    elif bias is not None:
         partial_dbias = dkv_outs[2] if cfg.bias_grad_in_dkv else dq_outs[1]
         # Sum over every axis along which the bias was broadcast (size 1 in bias_shape).
         axes = tuple(axis for axis, size in enumerate(cfg.bias_shape)
                      if size == 1 and partial_dbias.shape[axis] > 1)
         dbias = jnp.sum(partial_dbias, axis=axes, keepdims=True).astype(bias.dtype)
     return dq, dk, dv, dbias
+
+
+def _backward_dbias(cfg: _Config, q, k, v, do, o, lse, bias, q_len, kv_len, q_seg, kv_seg):
+    """Gradient of a bias full over (Tq, Tk) and broadcast over batch and/or heads, in the
+    bias's own (padded) shape. Grid (bias batch, bias heads, q block, kv block, summed batch,
+    summed heads): the two summed axes are innermost and sequential, so each output tile
+    stays in VMEM while every (example, head) adds its dS."""
+    bq, bk, sq = cfg.block_q, cfg.block_k, pl.squeezed
+    bias_b, bias_h = cfg.bias_shape[:2]
+    sum_b = cfg.batch if bias_b == 1 else 1
+    sum_h = cfg.heads if bias_h == 1 else 1
+
+    def q_map(bb, hb, i, j, bs, hs, ql, kl):
+        return bb + bs, hb + hs, i, 0
+
+    def kv_map(bb, hb, i, j, bs, hs, ql, kl):
+        return bb + bs, hb + hs, j, 0
+
+    inputs = [q, k, v, do]
+    specs = [pl.BlockSpec((sq, sq, bq, cfg.head_dim), q_map),
+             pl.BlockSpec((sq, sq, bk, cfg.head_dim), kv_map),
+             pl.BlockSpec((sq, sq, bk, cfg.value_dim), kv_map),
+             pl.BlockSpec((sq, sq, bq, cfg.value_dim), q_map)]
+    if cfg.softmax:
+        inputs += [o, lse]
+        specs += [pl.BlockSpec((sq, sq, bq, cfg.value_dim), q_map),
+                  pl.BlockSpec((sq, sq, bq, LANES), q_map)]
+    tile_map = lambda bb, hb, i, j, bs, hs, ql, kl: (bb, hb, i, j)  # noqa: E731
+    inputs.append(bias)
+    specs.append(pl.BlockSpec((sq, sq, bq, bk), tile_map))
+    if cfg.segments:
+        inputs += [q_seg, kv_seg]
+        specs += [pl.BlockSpec((sq, bq, LANES), lambda bb, hb, i, j, bs, hs, ql, kl:
+                               (bb + bs, i, 0)),
+                  pl.BlockSpec((sq, 1, bk), lambda bb, hb, i, j, bs, hs, ql, kl:
+                               (bb + bs, 0, j))]
+    return pl.pallas_call(
+            functools.partial(_dbias_kernel, cfg=cfg),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                    num_scalar_prefetch=2,
+                    grid=(bias_b, bias_h, cfg.num_q_blocks, cfg.num_k_blocks, sum_b, sum_h),
+                    in_specs=specs, out_specs=pl.BlockSpec((sq, sq, bq, bk), tile_map)),
+            out_shape=jax.ShapeDtypeStruct(cfg.bias_shape, jnp.float32),
+            compiler_params=pltpu.CompilerParams(dimension_semantics=(
+                    "parallel", "parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+            interpret=cfg.interpret, name="flash_tpu_dbias",
+    )(q_len, kv_len, *inputs)
+
+
+def _dbias_kernel(q_len_ref, kv_len_ref, *refs, cfg: _Config):
+    refs = iter(refs)
+    q_ref, k_ref, v_ref, do_ref = next(refs), next(refs), next(refs), next(refs)
+    o_ref = _take(refs, cfg.softmax)
+    lse_ref = _take(refs, cfg.softmax)
+    bias_ref = next(refs)
+    q_seg_ref = _take(refs, cfg.segments)
+    kv_seg_ref = _take(refs, cfg.segments)
+    dbias_ref = next(refs)
+
+    bb, q_block, k_block = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    bs, hs = pl.program_id(4), pl.program_id(5)
+    b = bb + bs
+    q_len, kv_len = q_len_ref[b], kv_len_ref[b]
+
+    @pl.when((bs == 0) & (hs == 0))
+    def _init():
+        dbias_ref[...] = jnp.zeros_like(dbias_ref)
+
+    def step(masked: bool):
+        valid = (_tile_mask(cfg, q_block, k_block, q_len, kv_len, q_seg_ref, kv_seg_ref)
+                 if masked else None)
+        _, ds = _probabilities_and_ds(cfg, q_ref[...], k_ref[...], v_ref[...], do_ref[...],
+                                      o_ref, lse_ref, bias_ref, valid)
+        dbias_ref[...] += ds
+
+    run, partial = _block_flags(cfg, q_block, k_block, q_len, kv_len)
+    _masked_and_plain(cfg, run, partial, step)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

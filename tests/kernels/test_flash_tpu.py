@@ -336,11 +336,31 @@ def _lower_for_tpu(case: Case, with_backward: bool) -> str:
 @pytest.mark.parametrize("case", LOWERING_CASES, ids=lambda c: c.name)
 def test_lowers_for_tpu(case, with_backward):
     text = _lower_for_tpu(case, with_backward)
-    # One Mosaic kernel for the forward, plus the dK/dV and dQ kernels for the backward.
-    assert text.count("tpu_custom_call") == (3 if with_backward else 1)
-    for name in ("flash_tpu_forward",) + (("flash_tpu_dkv", "flash_tpu_dq") if with_backward
-                                          else ()):
+    # One Mosaic kernel for the forward, plus the dK/dV and dQ kernels for the backward, and
+    # the dbias kernel for a bias full over (Tq, Tk) but broadcast over batch or heads.
+    bias = case.bias
+    own_dbias = (with_backward and bias is not None and bias[2] > 1 and bias[3] > 1
+                 and ((bias[0] == 1 and case.batch > 1) or (bias[1] == 1 and case.heads > 1)))
+    names = ["flash_tpu_forward"] + (["flash_tpu_dkv", "flash_tpu_dq"] if with_backward
+                                     else []) + (["flash_tpu_dbias"] if own_dbias else [])
+    assert text.count("tpu_custom_call") == len(names)
+    for name in names:
         assert name in text
+
+
+@pytest.mark.parametrize("bias", [(1, 3, 256, 384), (4, 1, 256, 384), (1, 1, 256, 384)],
+                         ids=["heads", "batch", "both"])
+def test_broadcast_bias_gradient_never_materialises_batch_by_heads(bias):
+    """A bias full over (Tq, Tk) but broadcast over batch/heads: no [B, H, Tq, Tk] array in
+    the TPU program (the lowered module lists every intermediate's type), and the gradient
+    leaves the kernel in the bias's own shape."""
+    case = Case("broadcast_bias", batch=4, heads=3, tq=256, tk=384, head_dim=64,
+                dtype=jnp.bfloat16, bias=bias, causal=True)
+    text = _lower_for_tpu(case, with_backward=True)
+    assert "flash_tpu_dbias" in text
+    assert "tensor<4x3x256x384xf32>" not in text and "tensor<4x3x256x384xbf16>" not in text
+    own_shape = "x".join(map(str, bias))
+    assert f"tensor<{own_shape}xf32>" in text
 
 
 def test_tpu_lowering_runs_mosaic_checks_on_cpu():
