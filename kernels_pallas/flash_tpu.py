@@ -44,8 +44,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 LANES = 128
-DEFAULT_BLOCK_Q = 128
-DEFAULT_BLOCK_K = 128
+# 512 x 512 tiles: each grid step has a fixed cost (DMA set-up, pipeline bookkeeping) that
+# 128 x 128 tiles amortise poorly, and a 128-row tile under-fills the MXU's passes; splash
+# attention uses 512 and more. A 512 x 512 f32 score tile is 1 MiB of VMEM. Shorter sequences
+# shrink to one block. Unmeasured on a TPU (none was available; bench/attention.py measures
+# it): `block_q`/`block_k` override.
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_K = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -550,7 +555,7 @@ def _backward(cfg: _Config, residuals, do):
         if cfg.softmax:
             inputs += [o, lse]
             specs += [pl.BlockSpec((sq, sq, bq, cfg.value_dim), q_map),
-                      pl.BlockSpec((sq, sq, bq, LANES), q_map)]
+                      pl.BlockSpec((sq, sq, bq, 1), q_map)]
         if bias is not None:
             inputs.append(bias)
             specs.append(pl.BlockSpec(_bias_block(cfg), bias_map))
@@ -657,7 +662,7 @@ def _backward_dbias(cfg: _Config, q, k, v, do, o, lse, bias, q_len, kv_len, q_se
     if cfg.softmax:
         inputs += [o, lse]
         specs += [pl.BlockSpec((sq, sq, bq, cfg.value_dim), q_map),
-                  pl.BlockSpec((sq, sq, bq, LANES), q_map)]
+                  pl.BlockSpec((sq, sq, bq, 1), q_map)]
     tile_map = lambda bb, hb, i, j, bs, hs, ql, kl: (bb, hb, i, j)  # noqa: E731
     inputs.append(bias)
     specs.append(pl.BlockSpec((sq, sq, bq, bk), tile_map))
@@ -717,6 +722,11 @@ def _flash(cfg, q, k, v, bias, q_len, kv_len, q_seg, kv_seg):
 
 def _flash_fwd(cfg, q, k, v, bias, q_len, kv_len, q_seg, kv_seg):
     out, lse = _forward(cfg, q, k, v, bias, q_len, kv_len, q_seg, kv_seg)
+    # The kernel writes the log-sum-exp lane-replicated ([.., Tq, 128], a dense store); the
+    # residual kept for the backward is one lane, [B, H, Tq, 1] f32, as small as splash's.
+    # The backward kernels read it in (block_q, 1) blocks (a full last dim is a legal block).
+    if lse is not None:
+        lse = lse[..., :1]
     return out, (q, k, v, bias, q_len, kv_len, q_seg, kv_seg, out, lse)
 
 

@@ -376,3 +376,21 @@ def test_tpu_lowering_runs_mosaic_checks_on_cpu():
     spec = jax.ShapeDtypeStruct((8, 300), jnp.float32)
     with pytest.raises(Exception, match="128"):
         jax.jit(bad_blocks).trace(spec).lower(lowering_platforms=("tpu",))
+
+
+def test_log_sum_exp_residual_is_one_lane(capsys):
+    """The softmax statistics kept for the backward are [B, H, Tq, 1] f32, not the kernel's
+    lane-replicated [B, H, Tq, 128] output (128x the memory at long sequences)."""
+    from jax.ad_checkpoint import print_saved_residuals
+    q = jnp.ones((2, 1024, 4, 64), jnp.bfloat16)
+
+    def fn(q, k, v):
+        return flash_tpu.tpu_attention(q, k, v, None, None, None, None, None, causal=True,
+                                       scale=0.125, logits="softmax", sigmoid_bias=None,
+                                       block_q=None, block_k=None, interpret=True)
+
+    print_saved_residuals(fn, q, q, q)
+    saved = capsys.readouterr().out
+    assert "f32[2,4,1024,1]" in saved and "f32[2,4,1024,128]" not in saved
+    assert flash_tpu._block_sizes(4096, 4096, None, None, 16) == (512, 512)
+    assert flash_tpu._block_sizes(300, 200, None, None, 16) == (304, 208)  # one block each
