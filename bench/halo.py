@@ -7,6 +7,14 @@ For each shape and mode (fwd, fwd+bwd) it prints the median wall time of `--repe
 (after a compile-and-warm-up call) and the compiled peak memory estimate from
 `compiled.memory_analysis()` (temp + output bytes). On CPU the fused kernel can only run in the
 Pallas interpreter, which says nothing about GPU speed: the table header says so.
+
+Baseline: the XLA unfold reference in the same dtype, bfloat16 by default (what a HaloNet
+trains in; `--dtype float32` for the f32 figures). FLOPs: "useful" counts the dense work of
+halo attention itself (q.k and p.v over each query's win^2 window, the two relative-table
+products; the backward as the dV, dP, dQ, dK products plus the table gradients), from which
+the TFLOP/s columns are computed. "dkv one-hot" counts what the fused backward's dK/dV pass
+spends rebuilding the relative logits with one-hot matmuls (kernels_pallas/halo_pallas.py),
+as a multiple of the useful backward FLOPs.
 """
 from __future__ import annotations
 
@@ -51,6 +59,30 @@ def _inputs(batch, side, block, halo_size, heads, dim, stride, dtype):
     return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
 
 
+def useful_flops(batch, side, block, halo_size, heads, dim, stride, mode) -> float:
+    """Dense FLOPs of halo attention (see the module docstring)."""
+    q_side = side // halo.query_stride(block, stride)
+    queries = batch * heads * q_side * q_side
+    win = block + 2 * halo_size
+    window = 2.0 * queries * win * win * dim  # one [queries x win^2] x dim product
+    tables = 2.0 * 2 * queries * (2 * win - 1) * dim  # q . rel_h and q . rel_w
+    forward = 2 * window + tables
+    backward = 4 * window + 2 * tables  # dV, dP, dQ, dK; table grads (dQ and drel)
+    return forward if mode == "fwd" else forward + backward
+
+
+def dkv_one_hot_flops(batch, side, block, halo_size, heads, dim, stride) -> float:
+    """FLOPs of the dK/dV pass's one-hot relative-logit matmuls: per key block and each of the
+    (2 reach + 1)^2 query blocks whose windows cover it, per query row/column offset, two
+    [queries x table rows] x [table rows x keys] products."""
+    q_block = block // halo.query_stride(block, stride)
+    reach = -(-halo_size // block)
+    table_rows = 1 << (2 * (block + 2 * halo_size) - 2).bit_length()  # padded to a tile
+    programs = batch * heads * (side // block) ** 2
+    per_neighbour = q_block * 2 * (2.0 * q_block * q_block * table_rows * block * block)
+    return programs * (2 * reach + 1) ** 2 * per_neighbour
+
+
 def _functions(impl, options):
     def forward(*arrays):
         return halo.halo_attention(*arrays, impl=impl, **options)
@@ -72,27 +104,33 @@ def main() -> None:
     on_gpu = jax.default_backend() == "gpu"
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 20)
-    dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
+    dtype = jnp.dtype(args.dtype or "bfloat16")
     fused_impl = "pallas" if on_gpu else "interpret"
     device = jax.devices()[0].device_kind
     print(f"# halo attention | device {device} | jax {jax.__version__} | "
           f"{datetime.date.today()} | dtype {dtype.name} | median of {repeats}")
     print(f"# fused = impl={fused_impl!r}" + ("" if on_gpu else
           " (Pallas INTERPRETER on CPU: correctness proof-of-run, not a speed figure)"))
-    print("| shape | B | b | h | heads | d | stride | mode | xla ms | xla MiB | fused ms | "
-          "fused MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | B | b | h | heads | d | stride | mode | GFLOP | xla ms | xla TFLOP/s | "
+          "xla MiB | fused ms | fused TFLOP/s | fused MiB | dkv one-hot / useful bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, batch, side, block, halo_size, heads, dim, stride in shapes:
         arrays = _inputs(batch, side, block, halo_size, heads, dim, stride, dtype)
         options = dict(block=block, halo=halo_size, stride=stride)
         reference = _functions("xla", options)
         fused = _functions(fused_impl, options)
+        geometry = (batch, side, block, halo_size, heads, dim, stride)
+        one_hot = dkv_one_hot_flops(*geometry)
+        backward = useful_flops(*geometry, "fwd+bwd") - useful_flops(*geometry, "fwd")
         for mode in ("fwd", "fwd+bwd"):
+            flops = useful_flops(*geometry, mode)
             xla_ms, xla_mib = compile_and_time(reference[mode], arrays, repeats)
             fused_ms, fused_mib = compile_and_time(fused[mode], arrays, repeats)
+            overhead = f"{one_hot / backward:.1f}x" if mode == "fwd+bwd" else "-"
             print(f"| {label} | {batch} | {block} | {halo_size} | {heads} | {dim} | {stride} "
-                  f"| {mode} | {xla_ms:.2f} | {mib(xla_mib)} | {fused_ms:.2f} | "
-                  f"{mib(fused_mib)} |", flush=True)
+                  f"| {mode} | {flops / 1e9:.2f} | {xla_ms:.2f} | "
+                  f"{flops / xla_ms / 1e9:.3f} | {mib(xla_mib)} | {fused_ms:.2f} | "
+                  f"{flops / fused_ms / 1e9:.3f} | {mib(fused_mib)} | {overhead} |", flush=True)
 
 
 if __name__ == "__main__":
