@@ -12,9 +12,11 @@ Baseline: the XLA unfold reference in the same dtype, bfloat16 by default (what 
 trains in; `--dtype float32` for the f32 figures). FLOPs: "useful" counts the dense work of
 halo attention itself (q.k and p.v over each query's win^2 window, the two relative-table
 products; the backward as the dV, dP, dQ, dK products plus the table gradients), from which
-the TFLOP/s columns are computed. "dkv one-hot" counts what the fused backward's dK/dV pass
-spends rebuilding the relative logits with one-hot matmuls (kernels_pallas/halo_pallas.py),
-as a multiple of the useful backward FLOPs.
+the TFLOP/s columns are computed. "dkv rel" counts the matmul FLOPs the fused backward's dK/dV
+pass spends rebuilding the relative logits of its keys (kernels_pallas/halo_pallas.py: the
+query-table products of every covering query block; the entries are then picked by index,
+element-wise work not counted), as a multiple of the useful backward FLOPs. The one-hot matmuls
+it used before 2026-12 cost `dkv_one_hot_flops` (20.7x at HaloNet-H0 stage 1).
 """
 from __future__ import annotations
 
@@ -71,16 +73,30 @@ def useful_flops(batch, side, block, halo_size, heads, dim, stride, mode) -> flo
     return forward if mode == "fwd" else forward + backward
 
 
-def dkv_one_hot_flops(batch, side, block, halo_size, heads, dim, stride) -> float:
-    """FLOPs of the dK/dV pass's one-hot relative-logit matmuls: per key block and each of the
-    (2 reach + 1)^2 query blocks whose windows cover it, per query row/column offset, two
-    [queries x table rows] x [table rows x keys] products."""
+def _dkv_geometry(batch, side, block, halo_size, heads, stride):
+    """(query block side, covering query blocks per key block, padded table rows, programs)."""
     q_block = block // halo.query_stride(block, stride)
     reach = -(-halo_size // block)
     table_rows = 1 << (2 * (block + 2 * halo_size) - 2).bit_length()  # padded to a tile
-    programs = batch * heads * (side // block) ** 2
+    return q_block, (2 * reach + 1) ** 2, table_rows, batch * heads * (side // block) ** 2
+
+
+def dkv_relative_flops(batch, side, block, halo_size, heads, dim, stride) -> float:
+    """Matmul FLOPs of the dK/dV pass's relative logits: per key block and covering query
+    block, the two [queries x d] x [d x table rows] query-table products."""
+    q_block, neighbours, table_rows, programs = _dkv_geometry(batch, side, block, halo_size,
+                                                              heads, stride)
+    return programs * neighbours * 2 * (2.0 * q_block * q_block * dim * table_rows)
+
+
+def dkv_one_hot_flops(batch, side, block, halo_size, heads, dim, stride) -> float:
+    """What the one-hot version (before 2026-12) spent on top: per key block, covering query
+    block and query row/column offset, two [queries x table rows] x [table rows x keys]
+    one-hot products."""
+    q_block, neighbours, table_rows, programs = _dkv_geometry(batch, side, block, halo_size,
+                                                              heads, stride)
     per_neighbour = q_block * 2 * (2.0 * q_block * q_block * table_rows * block * block)
-    return programs * (2 * reach + 1) ** 2 * per_neighbour
+    return programs * neighbours * per_neighbour
 
 
 def _functions(impl, options):
@@ -112,7 +128,7 @@ def main() -> None:
     print(f"# fused = impl={fused_impl!r}" + ("" if on_gpu else
           " (Pallas INTERPRETER on CPU: correctness proof-of-run, not a speed figure)"))
     print("| shape | B | b | h | heads | d | stride | mode | GFLOP | xla ms | xla TFLOP/s | "
-          "xla MiB | fused ms | fused TFLOP/s | fused MiB | dkv one-hot / useful bwd |")
+          "xla MiB | fused ms | fused TFLOP/s | fused MiB | dkv rel / useful bwd |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, batch, side, block, halo_size, heads, dim, stride in shapes:
         arrays = _inputs(batch, side, block, halo_size, heads, dim, stride, dtype)
@@ -120,13 +136,13 @@ def main() -> None:
         reference = _functions("xla", options)
         fused = _functions(fused_impl, options)
         geometry = (batch, side, block, halo_size, heads, dim, stride)
-        one_hot = dkv_one_hot_flops(*geometry)
+        relative = dkv_relative_flops(*geometry)
         backward = useful_flops(*geometry, "fwd+bwd") - useful_flops(*geometry, "fwd")
         for mode in ("fwd", "fwd+bwd"):
             flops = useful_flops(*geometry, mode)
             xla_ms, xla_mib = compile_and_time(reference[mode], arrays, repeats)
             fused_ms, fused_mib = compile_and_time(fused[mode], arrays, repeats)
-            overhead = f"{one_hot / backward:.1f}x" if mode == "fwd+bwd" else "-"
+            overhead = f"{relative / backward:.2f}x" if mode == "fwd+bwd" else "-"
             print(f"| {label} | {batch} | {block} | {halo_size} | {heads} | {dim} | {stride} "
                   f"| {mode} | {flops / 1e9:.2f} | {xla_ms:.2f} | "
                   f"{flops / xla_ms / 1e9:.3f} | {mib(xla_mib)} | {fused_ms:.2f} | "

@@ -32,8 +32,12 @@ log-sum-exp; no atomics, so results are deterministic):
     ([blocks, ~2*win, d] floats) are summed in XLA.
   * dK/dV pass, one program per b x b key block: the key block lies in the windows of the
     query blocks at most ceil(halo/b) blocks away (3x3 for halo <= b), so the program loops over
-    those, recomputes their probabilities for its keys (relative logits via one-hot matmuls
-    per query row/column) and accumulates dK and dV in registers. Keys of the zero halo are
+    those, recomputes their probabilities for its keys and accumulates dK and dV in registers.
+    The relative logits are the query-table products q.rel_h and q.rel_w (one small matmul
+    each), from which each query's entry for each key row/column is picked by index (an iota
+    comparison per key row, as the dQ pass does). Until 2026-12 they were rebuilt with f32
+    one-hot matmuls, one pair per query row/column offset: about 20x the useful backward FLOPs
+    at HaloNet-H0 stage 1. Keys of the zero halo are
     not real keys and receive no gradient; their probabilities still enter dQ and the tables.
 
 Supported configurations (others raise ValueError; `supports` says so without raising, and
@@ -402,14 +406,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, do_ref, lse_ref, delt
             kx = key_x + dj * block + static.halo
             in_window = (ky >= 0) & (ky < win) & (kx >= 0) & (kx < win) & inside
             by_row, by_col = _dot_t(q, rel_h), _dot_t(q, rel_w)
+            # Key row y of this key block sits at window row di*b + halo + y: its height
+            # logit for query (qy, qx) is by_row[., win-1 + di*b + halo + y - qy], one entry
+            # per query, picked by index (as the dQ pass does) and spread over that key row;
+            # likewise the width logits by key column.
             relative = jnp.zeros((queries, keys), F32)
-            for offset in range(qb):
-                rows = (full[:, None] == (win - 1 + ky - offset)[None, :]).astype(F32)
-                cols = (full[:, None] == (win - 1 + kx - offset)[None, :]).astype(F32)
-                relative = relative + jnp.where((q_row == offset)[:, None],
-                                                _dot(by_row, rows), 0.0)
-                relative = relative + jnp.where((q_col == offset)[:, None],
-                                                _dot(by_col, cols), 0.0)
+            for y in range(block):
+                height = _pick(by_row, full, win - 1 + di * block + static.halo + y - q_row)
+                width = _pick(by_col, full, win - 1 + dj * block + static.halo + y - q_col)
+                relative = (relative + jnp.where((key_y == y)[None, :], height[:, None], 0.0)
+                            + jnp.where((key_x == y)[None, :], width[:, None], 0.0))
             content = _dot_t(q, k)
             if static.scale_relative:
                 s = (content + relative) * static.scale
@@ -421,6 +427,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, rel_h_ref, rel_w_ref, do_ref, lse_ref, delt
             dk = dk + _dot(ds.T.astype(q.dtype), q) * static.scale
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _pick(table, columns, index):
+    """table[i, index[i]] for each row i (0 where index is outside the table): an iota
+    comparison and a row sum, no gather and no matmul."""
+    return jnp.sum(jnp.where(columns[None, :] == index[:, None], table, 0.0), axis=1)
 
 
 def _key_blocks(x, block: int, dim_padded: int):
