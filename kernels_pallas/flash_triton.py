@@ -19,7 +19,9 @@ Why this shape of kernel:
     (`lax.cond` on the tile's min/max ids, read from the ids the program loads anyway): with
     packed sequences most off-diagonal tiles hold no valid pair. The test is necessary, not
     sufficient, for a valid pair, so ids need not be sorted.
-  * Bias gradient: a separate pass whose grid follows the bias's own (broadcast) shape; each
+  * Bias gradient. A full bias ([B, H, Tq, Tk], nothing broadcast) takes its gradient from the
+    dQ pass, which computes every dS tile anyway and writes it out (tiles the pass skips are
+    written as zeros). A broadcast bias gets a separate pass whose grid follows its shape; each
     program recomputes dS for the batches/heads/rows/columns its bias tile is broadcast over
     and sums them in registers, so dbias never materialises [B, H, Tq, Tk] for a broadcast
     bias. Its batch loop is split over a few programs (partial sums added by XLA) to keep the
@@ -201,9 +203,10 @@ def _flash_bwd(static, residuals, d_out):
         delta = None
     common = (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, d_out, lse,
               delta)
-    dq = _backward_dq(*common, static)
+    dq, dbias = _backward_dq(*common, static)
     dk, dv = _backward_dkv(*common, static)
-    dbias = None if bias is None else _backward_dbias(*common, static)
+    if bias is not None and dbias is None:
+        dbias = _backward_dbias(*common, static)
     return dq, dk, dv, dbias, None, None, None, None
 
 
@@ -527,14 +530,22 @@ def _backward_dq(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment
             ("delta", delta, row_stat),
     ]
     names, args, in_specs = _specs_and_args(entries)
-    out_spec = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
-    return _call(_dq_kernel, names, static, (tq // bq, batch, heads), in_specs, out_spec,
-                 jax.ShapeDtypeStruct(q.shape, q.dtype), args, "attention_backward_dq")
+    out_specs = [pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    # A full bias: its gradient is dS itself, written here row block by row block.
+    full_bias = bias is not None and bias.shape == (batch, heads, tq, tk)
+    if full_bias:
+        out_specs.append(pl.BlockSpec((None, None, bq, tk), lambda i, b, h: (b, h, i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct(bias.shape, F32))
+    outs = _call(_dq_kernel, names, static, (tq // bq, batch, heads), in_specs, out_specs,
+                 out_shape, args, "attention_backward_dq")
+    return (outs[0], outs[1].astype(bias.dtype)) if full_bias else (outs[0], None)
 
 
 def _dq_kernel(*refs, names, static):
     ref = dict(zip(names, refs))
     dq_ref = refs[len(names)]
+    dbias_ref = refs[len(names) + 1] if len(refs) > len(names) + 1 else None
     bq, bk = static.block_q_bwd, static.block_k_bwd
     q_block, b = pl.program_id(0), pl.program_id(1)
     q_start = q_block * bq
@@ -563,6 +574,8 @@ def _dq_kernel(*refs, names, static):
                            kv_seg)
         p = _probabilities(static, _logits(static, q, k, bias_tile), valid, lse)
         ds = _logits_grad(static, p, _dot(d_out, v, transpose_b=True), delta)
+        if dbias_ref is not None:
+            dbias_ref[:, keys] = ds
         return dq + _dot(ds.astype(k.dtype), k)
 
     visible = (functools.partial(_key_tile_overlaps, ref["kv_seg"], q_seg, bk)
@@ -570,6 +583,15 @@ def _dq_kernel(*refs, names, static):
 
     num_key_blocks = _key_blocks_for(static, q_start, bq, bk, q_len, kv_len)
     unmasked = _unmasked_key_blocks(static, q_start, bq, bk, q_len, kv_len, num_key_blocks)
+    if dbias_ref is not None:
+        # Zeros where no dS tile will be written: past the visited key blocks, and (segment
+        # ids: tiles may be skipped anywhere) the whole row block, overwritten as computed.
+        def zero_tile(key_block, carry):
+            dbias_ref[:, pl.ds(key_block * bk, bk)] = jnp.zeros((bq, bk), F32)
+            return carry
+
+        first_zero = jnp.int32(0) if static.has_segments else num_key_blocks
+        lax.fori_loop(first_zero, dbias_ref.shape[1] // bk, zero_tile, 0)
     dq = _phased_loop([(0, unmasked, False), (unmasked, num_key_blocks, True)], body,
                       jnp.zeros((bq, static.head_dim_padded), F32), visible)
     _store(dq_ref, dq * static.scale, static.head_dim)

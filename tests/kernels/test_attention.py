@@ -56,6 +56,13 @@ CASES = [
         # skipped in every pass (fwd, dQ, dK/dV, dbias).
         Case("segments_packed_tiles", tq=80, tk=80, segments=((23, 50), (23, 50)),
              bias=(1, 2, 80, 80), causal=True, block_q=16, block_k=16),
+        # A full bias takes its gradient from the dQ pass: skipped tiles (causal, lengths,
+        # disjoint segments) must come out as zeros.
+        Case("full_bias_packed_lengths", tq=80, tk=72, segments=((23, 50), (23, 50)),
+             q_lengths=(80, 61), kv_lengths=(72, 40), bias=(2, 2, 80, 72), causal=True,
+             block_q=16, block_k=16),
+        Case("full_bias_causal_lengths", tq=100, tk=90, q_lengths=(100, 45),
+             kv_lengths=(17, 90), causal=True, bias=(2, 2, 100, 90), block_q=16, block_k=32),
         Case("bias_2d_causal", tq=33, tk=33, head_dim=72, bias=(33, 33), causal=True),
         Case("full_bias_dv", tq=24, tk=56, head_dim=72, value_dim=40, bias=(2, 2, 24, 56)),
         Case("swin_window", batch=4, tq=49, tk=49, heads=3, bias=(1, 3, 49, 49)),

@@ -25,6 +25,8 @@ CONFIGS = [
         ("halo_dv", 4, 64, 196, 2, 48, 96, jnp.bfloat16, (64, 196), {}),
         ("row_bias_blocks", 2, 300, 100, 2, 64, 64, jnp.bfloat16, (2, 2, 300, 1),
          dict(block_q=32, block_k=128, lengths=True)),
+        ("full_bias_segments", 2, 96, 160, 2, 64, 64, jnp.bfloat16, (2, 2, 96, 160),
+         dict(segments=True, causal=True)),
 ]
 
 
@@ -68,9 +70,16 @@ def test_forward_lowers_for_cuda(config):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c[0])
 def test_forward_backward_lowers_for_cuda(config):
-    has_bias = config[8] is not None
+    _, batch, tq, tk, heads = config[:5]
+    bias = config[8]
+    # A full bias's gradient comes out of the dQ pass; a broadcast one needs the dbias pass.
+    full_bias = bias is not None and (1,) * (4 - len(bias)) + tuple(bias) == (batch, heads, tq,
+                                                                              tk)
+    broadcast_bias = bias is not None and not full_bias
     # forward + dQ + dK/dV (+ dbias)
-    assert _lower(config, with_grad=True).count(TRITON_CALL) == 3 + has_bias
+    text = _lower(config, with_grad=True)
+    assert text.count(TRITON_CALL) == 3 + broadcast_bias
+    assert ("attention_backward_dbias" in text) == broadcast_bias
 
 
 def test_non_power_of_two_tile_is_rejected_by_triton_lowering(monkeypatch):
