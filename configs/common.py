@@ -25,8 +25,10 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     c.model.name = ""  # a name from zoo.list_models()
     c.model.overrides = ml_collections.ConfigDict()  # builder kwargs (num_classes, dtype, ...)
     # Attention implementation of every attention layer (kernels_pallas.attention `impl`):
-    # auto (Pallas kernels on GPU/TPU, XLA on CPU) | pallas | xla | interpret (the GPU kernel in
-    # the Pallas interpreter: the kernel path on CPU, slow, for tests and debugging).
+    # auto (the dispatch policy, kernels_pallas/api.py DISPATCH_TABLE: our Pallas kernels on
+    # GPU/TPU, XLA on CPU) | pallas (ours, always) | cudnn (GPU, plain softmax calls) | xla |
+    # interpret (the GPU kernel in the Pallas interpreter: the kernel path on CPU, slow, for
+    # tests and debugging). HaloNet takes auto | xla | pallas | interpret.
     c.model.attn_impl = "auto"
     # zoo.training.tasks.list_tasks(): classification | language_modeling | image_diffusion |
     # masked_image_modeling | novel_view_synthesis. Set it through base_config(task), which
