@@ -426,10 +426,12 @@ _PAPER = ("Vaswani, Ramachandran, Srinivas, Parmar, Hechtman, Shlens 2021, Scali
           "Self-Attention for Parameter Efficient Visual Backbones (CVPR), arXiv:2103.12731")
 _REFERENCE = ("timm timm/layers/halo_attn.py (HaloAttn) and timm/models/byoanet.py "
               "(halonet_h1); no official code")
-# CPU-sized: full-size input (the all-models test feeds default_input), two narrow one-block
-# stages (one plain, one strided block); block and halo stay the paper's so each variant's
-# tiling is still exercised. Most of its test time is XLA compiling the attention gradient.
-_TINY = dict(base_widths=(8, 16), depths=(1, 1), stem_width=8, num_heads=2, num_classes=10)
+# CPU-sized: two narrow one-block stages (one plain, one strided block); block, halo, rv and
+# the final conv stay the paper's so each variant's tiling and value width are still exercised.
+# rb is 1 for all: H0-H2 then share one tiny program (b=8, h=3, rv=1), which the mesh test runs
+# once for the three. Most of its test time is XLA compiling the attention gradient.
+_TINY = dict(base_widths=(8, 16), depths=(1, 1), stem_width=8, num_heads=2, num_classes=10,
+             rb=1.0)
 
 
 def _register(variant: str):
