@@ -546,24 +546,10 @@ def _backward(cfg: _Config, residuals, do):
     def kv_map_dkv(b, h, j, i, ql, kl):
         return b, h, j, 0
 
-    def common_inputs(q_map, kv_map, bias_map, q_seg_map, kv_seg_map):
-        inputs = [q, k, v, do]
-        specs = [pl.BlockSpec((sq, sq, bq, cfg.head_dim), q_map),
-                 pl.BlockSpec((sq, sq, bk, cfg.head_dim), kv_map),
-                 pl.BlockSpec((sq, sq, bk, cfg.value_dim), kv_map),
-                 pl.BlockSpec((sq, sq, bq, cfg.value_dim), q_map)]
-        if cfg.softmax:
-            inputs += [o, lse]
-            specs += [pl.BlockSpec((sq, sq, bq, cfg.value_dim), q_map),
-                      pl.BlockSpec((sq, sq, bq, 1), q_map)]
-        if bias is not None:
-            inputs.append(bias)
-            specs.append(pl.BlockSpec(_bias_block(cfg), bias_map))
-        if cfg.segments:
-            inputs += [q_seg, kv_seg]
-            specs += [pl.BlockSpec((sq, bq, LANES), q_seg_map),
-                      pl.BlockSpec((sq, 1, bk), kv_seg_map)]
-        return inputs, specs
+    arrays = (q, k, v, do, o, lse, bias, q_seg, kv_seg)
+
+    def common_inputs(*index_maps):
+        return _backward_inputs(cfg, arrays, *index_maps)
 
     inputs, in_specs = common_inputs(
             q_map_dkv, kv_map_dkv,
@@ -638,6 +624,30 @@ def _backward(cfg: _Config, residuals, do):
     return dq, dk, dv, dbias
 
 
+def _backward_inputs(cfg: _Config, arrays, q_map, kv_map, bias_map, q_seg_map, kv_seg_map):
+    """(inputs, BlockSpecs) of the backward kernels: q, k, v, dO, (O, lse), (bias), (segment
+    ids), with the given index maps. `arrays` = (q, k, v, do, o, lse, bias, q_seg, kv_seg)."""
+    q, k, v, do, o, lse, bias, q_seg, kv_seg = arrays
+    bq, bk, sq = cfg.block_q, cfg.block_k, pl.squeezed
+    inputs = [q, k, v, do]
+    specs = [pl.BlockSpec((sq, sq, bq, cfg.head_dim), q_map),
+             pl.BlockSpec((sq, sq, bk, cfg.head_dim), kv_map),
+             pl.BlockSpec((sq, sq, bk, cfg.value_dim), kv_map),
+             pl.BlockSpec((sq, sq, bq, cfg.value_dim), q_map)]
+    if cfg.softmax:
+        inputs += [o, lse]
+        specs += [pl.BlockSpec((sq, sq, bq, cfg.value_dim), q_map),
+                  pl.BlockSpec((sq, sq, bq, 1), q_map)]
+    if bias is not None:
+        inputs.append(bias)
+        specs.append(pl.BlockSpec(_bias_block(cfg), bias_map))
+    if cfg.segments:
+        inputs += [q_seg, kv_seg]
+        specs += [pl.BlockSpec((sq, bq, LANES), q_seg_map),
+                  pl.BlockSpec((sq, 1, bk), kv_seg_map)]
+    return inputs, specs
+
+
 def _backward_dbias(cfg: _Config, q, k, v, do, o, lse, bias, q_len, kv_len, q_seg, kv_seg):
     """Gradient of a bias full over (Tq, Tk) and broadcast over batch and/or heads, in the
     bias's own (padded) shape. Grid (bias batch, bias heads, q block, kv block, summed batch,
@@ -654,24 +664,11 @@ def _backward_dbias(cfg: _Config, q, k, v, do, o, lse, bias, q_len, kv_len, q_se
     def kv_map(bb, hb, i, j, bs, hs, ql, kl):
         return bb + bs, hb + hs, j, 0
 
-    inputs = [q, k, v, do]
-    specs = [pl.BlockSpec((sq, sq, bq, cfg.head_dim), q_map),
-             pl.BlockSpec((sq, sq, bk, cfg.head_dim), kv_map),
-             pl.BlockSpec((sq, sq, bk, cfg.value_dim), kv_map),
-             pl.BlockSpec((sq, sq, bq, cfg.value_dim), q_map)]
-    if cfg.softmax:
-        inputs += [o, lse]
-        specs += [pl.BlockSpec((sq, sq, bq, cfg.value_dim), q_map),
-                  pl.BlockSpec((sq, sq, bq, 1), q_map)]
     tile_map = lambda bb, hb, i, j, bs, hs, ql, kl: (bb, hb, i, j)  # noqa: E731
-    inputs.append(bias)
-    specs.append(pl.BlockSpec((sq, sq, bq, bk), tile_map))
-    if cfg.segments:
-        inputs += [q_seg, kv_seg]
-        specs += [pl.BlockSpec((sq, bq, LANES), lambda bb, hb, i, j, bs, hs, ql, kl:
-                               (bb + bs, i, 0)),
-                  pl.BlockSpec((sq, 1, bk), lambda bb, hb, i, j, bs, hs, ql, kl:
-                               (bb + bs, 0, j))]
+    inputs, specs = _backward_inputs(
+            cfg, (q, k, v, do, o, lse, bias, q_seg, kv_seg), q_map, kv_map, tile_map,
+            lambda bb, hb, i, j, bs, hs, ql, kl: (bb + bs, i, 0),
+            lambda bb, hb, i, j, bs, hs, ql, kl: (bb + bs, 0, j))
     return pl.pallas_call(
             functools.partial(_dbias_kernel, cfg=cfg),
             grid_spec=pltpu.PrefetchScalarGridSpec(
