@@ -120,6 +120,13 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
         ("activation_kv", None),
     )
 
+    # Context parallelism: attention over a sequence split across the `sequence` mesh axis
+    # (kernels_pallas/context_parallel.py). Inert unless mesh_axes has a `sequence` axis of size
+    # > 1 and a rule maps activation_length to it; `with_context_parallelism` sets all three.
+    c.context_parallel = ml_collections.ConfigDict()
+    c.context_parallel.strategy = "ring"  # ring | all_to_all (README: which to pick)
+    c.context_parallel.load_balance = True  # zigzag layout for causal ring attention
+
     # --- checkpoints, eval, logging ----------------------------------------------------------
     c.checkpoint_every = 50
     c.keep_checkpoints = 3
@@ -143,6 +150,26 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
             raise ValueError(f"task {task!r}: config_key {cls.config_key!r} is a shared config "
                              f"field")
         c[cls.config_key] = cls.default_config()
+    return c
+
+
+def with_context_parallelism(c: ml_collections.ConfigDict, size: int, *,
+                             strategy: str = "ring") -> ml_collections.ConfigDict:
+    """Adds a `sequence` mesh axis of `size` (after `data`) and splits every activation's
+    sequence (`activation_length`) over it, so attention runs context-parallel with
+    `strategy`. The data axis keeps the remaining devices (-1)."""
+    axes = list(c.mesh_axes)
+    shape = list(c.mesh_shape)
+    if "sequence" in axes:
+        shape[axes.index("sequence")] = size
+    else:
+        at = axes.index("data") + 1 if "data" in axes else 0
+        axes.insert(at, "sequence")
+        shape.insert(at, size)
+    c.mesh_axes, c.mesh_shape = tuple(axes), tuple(shape)
+    rules = [tuple(rule) for rule in c.logical_axis_rules if rule[0] != "activation_length"]
+    c.logical_axis_rules = tuple(rules) + (("activation_length", "sequence"),)
+    c.context_parallel.strategy = strategy
     return c
 
 

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import sharding
-from kernels_pallas.reference import attention_reference
+from kernels_pallas import context_parallel, sharding
+from kernels_pallas.reference import (attention_reference, reference_backward,
+                                      reference_forward)
 
 IMPLS = ("auto", "pallas", "cudnn", "xla", "interpret")
 LOGITS = ("softmax", "sigmoid")
@@ -36,6 +37,13 @@ _BACKENDS = {
 # impl="interpret" runs the GPU (Triton-style) kernel through the Pallas interpreter: it needs
 # no accelerator, which is what CPU tests use.
 _INTERPRET_BACKEND = "gpu"
+# Key-block (forward with log-sum-exp, backward from the merged one) pairs per backend, the
+# contract of `reference.reference_forward`/`reference_backward`: what ring attention composes
+# (kernels_pallas/context_parallel.py).
+_BLOCK_BACKENDS = {
+        "gpu": ("kernels_pallas.flash_triton", "gpu_attention_forward", "gpu_attention_backward"),
+        "tpu": ("kernels_pallas.flash_tpu", "tpu_attention_forward", "tpu_attention_backward"),
+}
 
 # ---------------------------------------------------------------------------------------------
 # The dispatch policy of impl="auto": per backend, the routes in order of preference, each with
@@ -187,12 +195,16 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
     (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids), options = args
     facts = call_facts(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, options)
     resolved = resolve_impl(impl, facts)
+    arrays = (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids)
+    split_q = sharding.sequence_split(_CP_QKV_NAMES, q.shape, 1)
+    split_k = sharding.sequence_split(_CP_QKV_NAMES, k.shape, 1)
+    if split_q is not None or split_k is not None:
+        return _context_parallel(arrays, options, resolved, split_q, split_k)
     if resolved == "xla":
         return attention_reference(
-                q, k, v, bias, causal=options["causal"], scale=options["scale"],
-                q_lengths=q_lengths, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
-                kv_segment_ids=kv_segment_ids, logits=options["logits"],
-                sigmoid_bias=options["sigmoid_bias"])
+                q, k, v, bias, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                **_reference_options(options))
     if resolved == "cudnn":
         def kernel(q, k, v, bias, *_):  # no lengths or segment ids reach this route
             return cudnn_attention(q, k, v, bias, causal=options["causal"],
@@ -210,6 +222,73 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
             (_QKV_NAMES, _QKV_NAMES, _QKV_NAMES, _BIAS_NAMES, _LENGTHS_NAMES, _LENGTHS_NAMES,
              _SEGMENT_NAMES, _SEGMENT_NAMES),
             _QKV_NAMES, what="attention")
+
+
+# Context parallelism: q/k/v, segment ids and the output split along the sequence as well.
+_CP_QKV_NAMES = (sharding.BATCH, sharding.LENGTH, sharding.HEADS, None)
+_CP_SEGMENT_NAMES = (sharding.BATCH, sharding.LENGTH)
+
+
+def _context_parallel(arrays, options, resolved, split_q, split_k):
+    """A call whose sequence the rules split: ring or all-to-all attention per shard
+    (kernels_pallas/context_parallel.py), with our kernel per block (the reference on the xla
+    route; cuDNN returns no log-sum-exp, so its calls take our kernel)."""
+    q, k, v, bias = arrays[:4]
+    if split_q != split_k:
+        raise ValueError(
+                f"attention: the sequence axis splits the queries ({q.shape[1]} tokens: "
+                f"{split_q}) and the keys ({k.shape[1]} tokens: {split_k}) differently; context "
+                f"parallelism needs self-attention over one sequence split the same way. Map "
+                f"activation_length to None for this model, or give it a sequence length the "
+                f"sequence axis divides")
+    axes, axis_size = split_q
+    axis = axes[0] if len(axes) == 1 else axes
+    strategy, load_balance = sharding.context_parallel_settings()
+    if resolved == "xla":
+        forward, backward = reference_forward, reference_backward
+
+        def kernel(*operands):
+            return attention_reference(*operands[:4], q_lengths=operands[4],
+                                       kv_lengths=operands[5], q_segment_ids=operands[6],
+                                       kv_segment_ids=operands[7], **_reference_options(options))
+    else:
+        backend = _INTERPRET_BACKEND if resolved == "interpret" else jax.default_backend()
+        module = importlib.import_module(_BLOCK_BACKENDS[backend][0])
+        flags = dict(options, interpret=resolved == "interpret")
+        forward = functools.partial(getattr(module, _BLOCK_BACKENDS[backend][1]),
+                                    interpret=flags["interpret"])
+        backward = functools.partial(getattr(module, _BLOCK_BACKENDS[backend][2]),
+                                     interpret=flags["interpret"])
+        kernel = functools.partial(_kernel_for(backend), **flags)
+
+    def per_device(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids):
+        context_parallel.check_call(
+                strategy, axis_size=axis_size, seq_q=q.shape[1] * axis_size,
+                seq_k=k.shape[1] * axis_size, local_heads=q.shape[2],
+                causal=options["causal"], load_balance=load_balance,
+                bias_shape=None if bias is None else tuple(bias.shape))
+        local = (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids)
+        if strategy == "all_to_all":
+            return context_parallel.all_to_all_attention(*local, axis=axis,
+                                                         axis_size=axis_size, kernel=kernel)
+        return context_parallel.ring_attention(
+                *local, axis=axis, axis_size=axis_size, load_balance=load_balance,
+                forward=forward, backward=backward, options=options)
+
+    if bias is not None and bias.shape[2:] != (1, 1):
+        context_parallel.check_call(strategy, axis_size=axis_size, seq_q=q.shape[1],
+                                    seq_k=k.shape[1], local_heads=q.shape[2],
+                                    causal=options["causal"], load_balance=load_balance,
+                                    bias_shape=tuple(bias.shape))
+    return sharding.shard_kernel(
+            per_device, arrays,
+            (_CP_QKV_NAMES, _CP_QKV_NAMES, _CP_QKV_NAMES, _BIAS_NAMES, _LENGTHS_NAMES,
+             _LENGTHS_NAMES, _CP_SEGMENT_NAMES, _CP_SEGMENT_NAMES),
+            _CP_QKV_NAMES, what=f"attention[{strategy}]")
+
+
+def _reference_options(options) -> dict:
+    return {name: options[name] for name in ("causal", "scale", "logits", "sigmoid_bias")}
 
 
 def resolve_impl(impl: str, facts: CallFacts) -> str:

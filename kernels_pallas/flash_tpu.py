@@ -13,7 +13,8 @@ Design (FlashAttention-2 on the TPU memory hierarchy):
 * Forward. Grid (B, H, q blocks, kv blocks); the kv axis is "arbitrary" and carries the online
   softmax state (running max, running sum, f32 accumulator) in VMEM scratch. It writes the
   output and the log-sum-exp of each row (replicated over 128 lanes, the layout Mosaic handles
-  best for per-row values).
+  best for per-row values; +inf for a row without a valid key, so that the backward's
+  exp(s - lse) is 0 there).
 * Backward. Two kernels that recompute the probabilities from the saved log-sum-exp: a dK/dV
   kernel (grid over kv blocks, inner "arbitrary" loop over q blocks) and a dQ kernel (grid over
   q blocks, inner loop over kv blocks). delta = rowsum(dO * O) is recomputed per q tile from
@@ -27,6 +28,11 @@ Design (FlashAttention-2 on the TPU memory hierarchy):
   heads and accumulate each (q block, kv block) tile in VMEM: its gradient is written once in
   the bias's own shape and [B, H, Tq, Tk] never exists (the dQ kernel would otherwise write it
   per tile for XLA to sum). It recomputes the tile's probabilities, one more QK^T and dO V^T.
+* Key blocks. `tpu_attention_forward` / `tpu_attention_backward` expose the two halves for
+  context parallelism: a ring runs the forward per key block and merges the (out, lse) pairs,
+  then runs the backward per key block with the merged out and lse, and sums the gradients.
+  `tpu_attention` is the special case of one block, with the forward/backward pair wrapped in
+  a custom VJP.
 * Sparsity. Sequence lengths are scalar-prefetched into SMEM. A (q block, kv block) pair that
   is entirely masked (causal, lengths) is skipped with `pl.when`, and the index maps clamp the
   block index to the last useful block so that no DMA is issued for skipped steps (a repeated
@@ -138,6 +144,107 @@ def tpu_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segmen
     `pltpu.InterpretParams` (TPU interpret mode, which runs on CPU). Returns [B, Tq, H, Dv] in
     q.dtype, differentiable in q, k, v and bias.
     """
+    cfg, arrays = _prepare(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                           causal=causal, scale=scale, logits=logits, sigmoid_bias=sigmoid_bias,
+                           block_q=block_q, block_k=block_k, interpret=interpret)
+    out = _flash(cfg, *arrays)
+    return _from_kernel_layout(out, q.shape[1], v.shape[3], q.dtype)
+
+
+def tpu_attention_forward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                          *, causal, scale, logits, sigmoid_bias, block_q, block_k,
+                          interpret=False):
+    """Forward of one key block: (out [B, Tq, H, Dv] in q.dtype, lse [B, H, Tq] f32).
+
+    Context parallelism (ring attention) splits the keys over devices and runs attention of
+    the local queries against one key block at a time; the blocks' results are combined
+    afterwards (`kernels_pallas.reference.merge_blocks`). A normalised softmax output alone
+    cannot be combined, so this also returns each row's natural log-sum-exp over the block's
+    valid keys: -inf for a row without one (whose output row is 0), so that the merge gives
+    such a block zero weight. lse is None for sigmoid logits, whose outputs simply add up.
+    On the whole key range, out is that of `tpu_attention` (the same kernel).
+
+    Arguments as `tpu_attention` (`sigmoid_bias` is the whole attention's, not derived from
+    this block's length). Not differentiable itself: its VJP is `tpu_attention_backward`,
+    which a ring needs to call with the merged statistics anyway. The contract is that of
+    `kernels_pallas.reference.reference_forward`.
+    """
+    cfg, arrays = _prepare(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                           causal=causal, scale=scale, logits=logits, sigmoid_bias=sigmoid_bias,
+                           block_q=block_q, block_k=block_k, interpret=interpret)
+    out, lse = _forward(cfg, *arrays)
+    out = _from_kernel_layout(out, q.shape[1], v.shape[3], q.dtype)
+    if lse is not None:
+        # Lane-replicated [B, H, Tq_pad, 128] -> [B, H, Tq]; the kernel marks a row without a
+        # valid key +inf (what its backward wants), the merge's convention is -inf.
+        lse = lse[:, :, :q.shape[1], 0]
+        lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)
+    return out, lse
+
+
+def tpu_attention_backward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                           out, lse, d_out, *, causal, scale, logits, sigmoid_bias, block_q,
+                           block_k, interpret=False):
+    """This key block's share (dq, dk, dv, dbias) of the gradients of a larger attention.
+
+    In ring attention a block's probabilities are exp(s - lse) with the lse of the *whole*
+    attention, not the block's own, and delta = rowsum(d_out * out) uses the whole (merged)
+    output; with those, the softmax gradient splits exactly over key blocks: the dk, dv (and
+    bias columns) of this block's keys come from this call alone, and dq (and a bias broadcast
+    over keys) gets a partial sum that adds up over the blocks.
+    So `out` [B, Tq, H, Dv] and `lse` [B, H, Tq] (natural log, -inf for a row without a valid
+    key anywhere) are the merged ones (`merge_blocks`), or this call's own from
+    `tpu_attention_forward` when there is one block; both are ignored for sigmoid logits
+    (pass None), whose gradient needs no row statistics. `d_out` is the output cotangent.
+
+    Returns dq, dk, dv in the dtypes of q, k, v and dbias (None without a bias) in the bias's
+    own (broadcast) shape and dtype. The contract is that of
+    `kernels_pallas.reference.reference_backward`.
+    """
+    cfg, arrays = _prepare(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                           causal=causal, scale=scale, logits=logits, sigmoid_bias=sigmoid_bias,
+                           block_q=block_q, block_k=block_k, interpret=interpret)
+    tq, tq_pad = q.shape[1], cfg.num_q_blocks * cfg.block_q
+    compute_dtype = arrays[0].dtype
+    d_out_p = _to_kernel_layout(d_out, compute_dtype, tq_pad, cfg.value_dim)
+    out_p = lse_p = None
+    if cfg.softmax:
+        # The kernels only read O for delta, in f32: a merged f32 output stays f32 (rounding it
+        # to bf16 would only add error); anything else goes as the compute dtype.
+        out_dtype = jnp.float32 if out.dtype == jnp.float32 else compute_dtype
+        out_p = _to_kernel_layout(out, out_dtype, tq_pad, cfg.value_dim)
+        # The kernels' convention: +inf for a row without a valid key (and for padded rows),
+        # so that exp(s - lse) = 0 there; one lane, [B, H, Tq_pad, 1], like the residual of
+        # `_flash_fwd`.
+        lse_p = lse.astype(jnp.float32)
+        lse_p = jnp.where(lse_p == -jnp.inf, jnp.inf, lse_p)
+        lse_p = jnp.pad(lse_p, ((0, 0), (0, 0), (0, tq_pad - tq)), constant_values=jnp.inf)
+        lse_p = lse_p[..., None]
+    dq, dk, dv, dbias = _backward(cfg, (*arrays, out_p, lse_p), d_out_p)
+    dq = _from_kernel_layout(dq, tq, q.shape[3], q.dtype)
+    dk = _from_kernel_layout(dk, k.shape[1], k.shape[3], k.dtype)
+    dv = _from_kernel_layout(dv, v.shape[1], v.shape[3], v.dtype)
+    if dbias is not None:
+        # Padded (query, key) positions of a full bias dim are cut off again.
+        dbias = dbias[:, :, :bias.shape[2], :bias.shape[3]].astype(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+def _to_kernel_layout(x, dtype, seq_pad: int, dim_pad: int):
+    """[B, T, H, D] -> [B, H, seq_pad, dim_pad] in `dtype`, zero-padded."""
+    x = jnp.transpose(x.astype(dtype), (0, 2, 1, 3))
+    return jnp.pad(x, ((0, 0), (0, 0), (0, seq_pad - x.shape[2]), (0, dim_pad - x.shape[3])))
+
+
+def _from_kernel_layout(x, seq: int, dim: int, dtype):
+    """[B, H, T_pad, D_pad] -> [B, seq, H, dim] in `dtype`: the inverse of `_to_kernel_layout`."""
+    return jnp.transpose(x[:, :, :seq, :dim], (0, 2, 1, 3)).astype(dtype)
+
+
+def _prepare(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, *, causal,
+             scale, logits, sigmoid_bias, block_q, block_k, interpret):
+    """(cfg, (q, k, v, bias, q_len, kv_len, q_seg, kv_seg)): the static `_Config` and the
+    kernels' inputs in their layout, padded to whole blocks and 128 lanes."""
     batch, tq, heads, head_dim = q.shape
     tk, value_dim = k.shape[1], v.shape[3]
     # TPUs have no f16 matmul: f16 runs as f32 and the result is rounded back.
@@ -150,13 +257,9 @@ def tpu_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segmen
     tq_pad, tk_pad = _round_up(tq, bq), _round_up(tk, bk)
     d_pad, dv_pad = _round_up(head_dim, LANES), _round_up(value_dim, LANES)
 
-    def to_kernel_layout(x, seq_pad, dim_pad):
-        x = jnp.transpose(x.astype(compute_dtype), (0, 2, 1, 3))
-        return jnp.pad(x, ((0, 0), (0, 0), (0, seq_pad - x.shape[2]), (0, dim_pad - x.shape[3])))
-
-    q_p = to_kernel_layout(q, tq_pad, d_pad)
-    k_p = to_kernel_layout(k, tk_pad, d_pad)
-    v_p = to_kernel_layout(v, tk_pad, dv_pad)
+    q_p = _to_kernel_layout(q, compute_dtype, tq_pad, d_pad)
+    k_p = _to_kernel_layout(k, compute_dtype, tk_pad, d_pad)
+    v_p = _to_kernel_layout(v, compute_dtype, tk_pad, dv_pad)
     bias_p = None
     if bias is not None:
         pad_q = tq_pad - tq if bias.shape[2] > 1 else 0
@@ -176,7 +279,7 @@ def tpu_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segmen
         kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, tk_pad - tk)))
         kv_seg = kv_seg[:, None, :]
 
-    config = _Config(
+    cfg = _Config(
             causal=bool(causal), scale=float(scale), logits=logits,
             sigmoid_bias=0.0 if sigmoid_bias is None else float(sigmoid_bias),
             batch=batch, heads=heads, block_q=bq, block_k=bk, num_q_blocks=tq_pad // bq,
@@ -186,9 +289,7 @@ def tpu_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segmen
             # Padded keys are masked as keys past the length.
             mask_kv_lengths=kv_lengths is not None or tk_pad != tk,
             interpret=interpret)
-    out = _flash(config, q_p, k_p, v_p, bias_p, q_len, kv_len, q_seg, kv_seg)
-    out = out[:, :, :tq, :value_dim]
-    return jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)
+    return cfg, (q_p, k_p, v_p, bias_p, q_len, kv_len, q_seg, kv_seg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,10 +462,13 @@ def _forward_kernel(q_len_ref, kv_len_ref, *refs, cfg: _Config):
         if cfg.softmax:
             l = l_ref[:, :1]
             has_keys = l > 0.0
-            # Rows without a valid key output 0; their lse is set to 0 (never used unmasked).
+            # Rows without a valid key output 0 and get lse = +inf: exp(s - lse) is then 0 in
+            # the backward kernels even on tiles they do not mask, and the lse of a row that
+            # had keys in another key block (ring attention) is never taken for this one's.
             inv_l = jnp.where(has_keys, 1.0 / jnp.where(has_keys, l, 1.0), 0.0)
             o_ref[...] = (acc_ref[...] * inv_l).astype(o_ref.dtype)
-            lse = jnp.where(has_keys, m_ref[:, :1] + jnp.log(jnp.where(has_keys, l, 1.0)), 0.0)
+            lse = jnp.where(has_keys, m_ref[:, :1] + jnp.log(jnp.where(has_keys, l, 1.0)),
+                            jnp.inf)
             lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
         else:
             o_ref[...] = acc_ref[...].astype(o_ref.dtype)

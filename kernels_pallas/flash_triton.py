@@ -98,6 +98,32 @@ def default_blocks(tq: int, tk: int, head_dim: int) -> tuple[int, int, int, int]
     return min(fwd_q, fit_q), min(fwd_k, fit_k), min(bwd_q, fit_q), min(bwd_k, fit_k)
 
 
+def _static_for(q, k, v, q_segment_ids, *, causal, scale, logits, sigmoid_bias, block_q,
+                block_k, interpret, num_warps=None, num_stages=None) -> _Static:
+    """The `_Static` of a call: default tiles per pass unless block_q/block_k override them."""
+    for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1 or (name == "num_warps" and value & (value - 1))):
+            raise ValueError(f"{name} must be None or a positive integer"
+                             f"{' power of two' if name == 'num_warps' else ''}, got {value!r}")
+    tq, head_dim = q.shape[1], q.shape[3]
+    fwd_q, fwd_k, bwd_q, bwd_k = default_blocks(tq, k.shape[1], head_dim)
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if value is not None and value < MIN_BLOCK:
+            raise ValueError(f"{name} must be >= {MIN_BLOCK} for the Triton GPU kernel (the "
+                             f"smallest tile its matmul accepts), got {value}")
+    if block_q is not None:
+        fwd_q = bwd_q = block_q
+    if block_k is not None:
+        fwd_k = bwd_k = block_k
+    return _Static(causal=causal, scale=scale, logits=logits,
+                   sigmoid_bias=0.0 if sigmoid_bias is None else sigmoid_bias,
+                   head_dim=head_dim, value_dim=v.shape[3], block_q=fwd_q, block_k=fwd_k,
+                   block_q_bwd=bwd_q, block_k_bwd=bwd_k,
+                   has_segments=q_segment_ids is not None, interpret=interpret,
+                   num_warps=num_warps, num_stages=num_stages)
+
+
 def gpu_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, *,
                   causal: bool, scale: float, logits: str, sigmoid_bias: float | None,
                   block_q: int | None, block_k: int | None, interpret: bool = False,
@@ -110,36 +136,50 @@ def gpu_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segmen
     (for tuning; bench/attention.py). Returns [B,Tq,H,Dv] in q.dtype; differentiable in
     q, k, v and bias.
     """
-    for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1 or (name == "num_warps" and value & (value - 1))):
-            raise ValueError(f"{name} must be None or a positive integer"
-                             f"{' power of two' if name == 'num_warps' else ''}, got {value!r}")
-    batch, tq, _, head_dim = q.shape
-    tk = k.shape[1]
-    fwd_q, fwd_k, bwd_q, bwd_k = default_blocks(tq, tk, head_dim)
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if value is not None and value < MIN_BLOCK:
-            raise ValueError(f"{name} must be >= {MIN_BLOCK} for the Triton GPU kernel (the "
-                             f"smallest tile its matmul accepts), got {value}")
-    if block_q is not None:
-        fwd_q = bwd_q = block_q
-    if block_k is not None:
-        fwd_k = bwd_k = block_k
-    static = _Static(causal=causal, scale=scale, logits=logits,
-                     sigmoid_bias=0.0 if sigmoid_bias is None else sigmoid_bias,
-                     head_dim=head_dim, value_dim=v.shape[3], block_q=fwd_q, block_k=fwd_k,
-                     block_q_bwd=bwd_q, block_k_bwd=bwd_k,
-                     has_segments=q_segment_ids is not None, interpret=interpret,
-                     num_warps=num_warps, num_stages=num_stages)
+    static = _static_for(q, k, v, q_segment_ids, causal=causal, scale=scale, logits=logits,
+                         sigmoid_bias=sigmoid_bias, block_q=block_q, block_k=block_k,
+                         interpret=interpret, num_warps=num_warps, num_stages=num_stages)
     return _padded_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids,
                              kv_segment_ids, static)
 
 
-@functools.partial(jax.jit, static_argnums=(8,))
-def _padded_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
-                      static: _Static):
-    """Pads sequences to block multiples (masked via the lengths) around the custom-vjp core."""
+# Key-block primitives for context parallelism (kernels_pallas/context_parallel.py): a ring
+# step attends the local queries to one key block, so it needs the block's log-sum-exp to merge
+# blocks, and a backward that takes the *merged* output and log-sum-exp of all blocks. The
+# contract is that of `reference.reference_forward` / `reference_backward`: natural-log lse,
+# -inf for a row without a valid key. The kernels keep base-2 lse with +inf for such rows;
+# the conversion happens here, on [B, H, Tq] row statistics only.
+LN_2 = 0.6931471805599453
+
+
+def gpu_attention_forward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                          *, causal, scale, logits, sigmoid_bias, block_q, block_k,
+                          interpret=False):
+    """(out [B,Tq,H,Dv] in q.dtype, lse [B,H,Tq] f32 natural log or None for sigmoid) of one
+    key block; not differentiable (the ring's custom VJP calls `gpu_attention_backward`)."""
+    static = _static_for(q, k, v, q_segment_ids, causal=causal, scale=scale, logits=logits,
+                         sigmoid_bias=sigmoid_bias, block_q=block_q, block_k=block_k,
+                         interpret=interpret)
+    return _block_forward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids,
+                          kv_segment_ids, static)
+
+
+def gpu_attention_backward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids,
+                           kv_segment_ids, out, lse, d_out, *, causal, scale, logits,
+                           sigmoid_bias, block_q, block_k, interpret=False):
+    """(dq, dk, dv, dbias) of one key block given the merged `out`/`lse` of the whole
+    attention (softmax; ignored for sigmoid) and the output cotangent `d_out`."""
+    static = _static_for(q, k, v, q_segment_ids, causal=causal, scale=scale, logits=logits,
+                         sigmoid_bias=sigmoid_bias, block_q=block_q, block_k=block_k,
+                         interpret=interpret)
+    return _block_backward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids,
+                           kv_segment_ids, out, lse, d_out, static)
+
+
+def _padded_operands(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                     static: _Static):
+    """Pads sequences to block multiples; the padding is masked through the lengths, which
+    are therefore always given to the kernels."""
     batch, tq, _, _ = q.shape
     tk = k.shape[1]
     # Blocks are powers of two, so a multiple of the largest is a multiple of all of them.
@@ -161,8 +201,53 @@ def _padded_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_se
     if q_segment_ids is not None:
         q_segment_ids = _pad_axis(q_segment_ids, 1, tq_padded)
         kv_segment_ids = _pad_axis(kv_segment_ids, 1, tk_padded)
-    out = _flash(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, static)
-    return out[:, :tq]
+    return q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids
+
+
+@functools.partial(jax.jit, static_argnums=(8,))
+def _padded_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                      static: _Static):
+    """Pads sequences to block multiples (masked via the lengths) around the custom-vjp core."""
+    padded = _padded_operands(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids,
+                              kv_segment_ids, static)
+    return _flash(*padded, static)[:, :q.shape[1]]
+
+
+@functools.partial(jax.jit, static_argnums=(8,))
+def _block_forward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                   static: _Static):
+    tq = q.shape[1]
+    padded = _padded_operands(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids,
+                              kv_segment_ids, static)
+    out, lse = _forward(*padded, static)
+    if lse is not None:
+        lse = lse[:, :, :tq]
+        lse = jnp.where(jnp.isinf(lse), -jnp.inf, lse * LN_2)
+    return out[:, :tq], lse
+
+
+@functools.partial(jax.jit, static_argnums=(11,))
+def _block_backward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, out,
+                    lse, d_out, static: _Static):
+    tq, tk = q.shape[1], k.shape[1]
+    padded = _padded_operands(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids,
+                              kv_segment_ids, static)
+    tq_padded = padded[0].shape[1]
+    d_out_padded = _pad_axis(d_out, 1, tq_padded)
+    lse2 = delta = None
+    if static.logits == "softmax":
+        # A row without any valid key: +inf makes every recomputed probability exp2(-inf) = 0.
+        lse2 = jnp.where(jnp.isfinite(lse), lse / LN_2, jnp.inf)
+        lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, tq_padded - tq)), constant_values=jnp.inf)
+        delta = jnp.einsum("bqhd,bqhd->bhq", _pad_axis(out, 1, tq_padded).astype(F32),
+                           d_out_padded.astype(F32))
+    dq, dk, dv, dbias = _gradients(*padded, d_out_padded, lse2, delta, static)
+    if dbias is not None:
+        if dbias.shape[2] > 1:
+            dbias = dbias[:, :, :tq]
+        if dbias.shape[3] > 1:
+            dbias = dbias[:, :, :, :tk]
+    return dq[:, :tq], dk[:, :tk], dv[:, :tk], dbias
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -201,13 +286,21 @@ def _flash_bwd(static, residuals, d_out):
         delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(F32), d_out.astype(F32))
     else:
         delta = None
+    dq, dk, dv, dbias = _gradients(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids,
+                                   kv_segment_ids, d_out, lse, delta, static)
+    return dq, dk, dv, dbias, None, None, None, None
+
+
+def _gradients(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, d_out, lse,
+               delta, static):
+    """(dq, dk, dv, dbias) on padded arrays from base-2 `lse` and `delta = rowsum(dO * O)`."""
     common = (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, d_out, lse,
               delta)
     dq, dbias = _backward_dq(*common, static)
     dk, dv = _backward_dkv(*common, static)
     if bias is not None and dbias is None:
         dbias = _backward_dbias(*common, static)
-    return dq, dk, dv, dbias, None, None, None, None
+    return dq, dk, dv, dbias
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

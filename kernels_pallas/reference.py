@@ -79,3 +79,100 @@ def attention_reference(q, k, v, bias=None, *, causal: bool = False, scale: floa
             p = jnp.where(mask, p, 0.0)
     out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(f32), precision=jax.lax.Precision.HIGHEST)
     return out.astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Key-block primitives: the contract every backend's `*_forward` / `*_backward` pair follows, and
+# what context parallelism (kernels_pallas/context_parallel.py) composes. A long attention is
+# split along its keys into blocks; each block's forward returns its normalised output and the
+# rows' log-sum-exp, which merge exactly (`merge_blocks`); each block's backward, given the
+# *merged* output and log-sum-exp, returns that block's share of the gradients, which add up.
+
+
+def _block_scores(q, k, bias, *, causal, scale, q_lengths, kv_lengths, q_segment_ids,
+                  kv_segment_ids):
+    batch, tq = q.shape[:2]
+    f32 = jnp.float32
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(f32), k.astype(f32),
+                   precision=jax.lax.Precision.HIGHEST) * scale
+    if bias is not None:
+        s = s + bias.astype(f32)
+    mask = attention_mask(batch, tq, k.shape[1], causal=causal, q_lengths=q_lengths,
+                          kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+                          kv_segment_ids=kv_segment_ids)
+    if mask is None:
+        mask = jnp.ones((1, 1, 1, 1), bool)
+    return s, mask
+
+
+def reference_forward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, *,
+                      causal, scale, logits, sigmoid_bias, **_):
+    """(out [B,Tq,H,Dv] in q.dtype, lse [B,H,Tq] f32 natural log, -inf for a row without a
+    valid key; None for sigmoid logits) of one key block. Arguments as normalised by
+    `kernels_pallas.api`; `sigmoid_bias` is that of the whole attention, not of the block."""
+    s, mask = _block_scores(q, k, bias, causal=causal, scale=scale, q_lengths=q_lengths,
+                            kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+                            kv_segment_ids=kv_segment_ids)
+    f32 = jnp.float32
+    if logits == "softmax":
+        s = jnp.where(mask, s, -jnp.inf)
+        row_max = jnp.max(s, axis=-1)
+        safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        p = jnp.exp(s - safe_max[..., None])
+        denom = jnp.sum(p, axis=-1)
+        has_keys = denom > 0
+        p = p / jnp.where(has_keys, denom, 1.0)[..., None]
+        lse = jnp.where(has_keys, safe_max + jnp.log(jnp.where(has_keys, denom, 1.0)),
+                        -jnp.inf)
+    else:
+        p = jnp.where(mask, jax.nn.sigmoid(s + sigmoid_bias), 0.0)
+        lse = None
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(f32), precision=jax.lax.Precision.HIGHEST)
+    return out.astype(q.dtype), lse
+
+
+def reference_backward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                       out, lse, d_out, *, causal, scale, logits, sigmoid_bias, **_):
+    """(dq, dk, dv, dbias) of one key block, given the merged `out` and `lse` of the whole
+    attention (for softmax; unused for sigmoid) and the output cotangent `d_out`. dbias has
+    the bias's (broadcast) shape, None without a bias."""
+    s, mask = _block_scores(q, k, bias, causal=causal, scale=scale, q_lengths=q_lengths,
+                            kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+                            kv_segment_ids=kv_segment_ids)
+    f32 = jnp.float32
+    hi = jax.lax.Precision.HIGHEST
+    do = d_out.astype(f32)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", do, v.astype(f32), precision=hi)
+    if logits == "softmax":
+        # A row without any valid key (lse = -inf) has p = 0 everywhere.
+        p = jnp.where(mask & jnp.isfinite(lse)[..., None],
+                      jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+        delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(f32), do, precision=hi)
+        ds = p * (dp - delta[..., None])
+    else:
+        p = jnp.where(mask, jax.nn.sigmoid(s + sigmoid_bias), 0.0)
+        ds = dp * p * (1.0 - p)
+    dv = jnp.einsum("bhqk,bqhd->bkhd", p, do, precision=hi)
+    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(f32), precision=hi) * scale
+    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(f32), precision=hi) * scale
+    dbias = None
+    if bias is not None:
+        axes = tuple(a for a in range(4) if bias.shape[a] == 1 and ds.shape[a] > 1)
+        dbias = jnp.sum(ds, axis=axes, keepdims=True).astype(bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+
+
+def merge_blocks(out_a, lse_a, out_b, lse_b):
+    """Merges two key blocks' (out, lse) of the same queries (softmax); f32 results.
+
+    out: [B, Tq, H, Dv], lse: [B, H, Tq] natural log, -inf for rows without a valid key."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    finite = jnp.isfinite(lse)
+    safe = jnp.where(finite, lse, 0.0)
+
+    def weight(part):  # [B, H, Tq] -> [B, Tq, H, 1]; 0 where the block had no valid key
+        w = jnp.where(jnp.isfinite(part), jnp.exp(part - safe), 0.0)
+        return jnp.transpose(w, (0, 2, 1))[..., None]
+
+    out = out_a.astype(jnp.float32) * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b)
+    return out, lse

@@ -34,7 +34,10 @@ wrong or wasteful (zoo/vsa.py's depthwise convolution). `record_kernel_calls` li
 kernel call of a traced function was split (the mesh tests read it).
 
 Kernels read whole sequences and windows, so a kernel never splits a sequence, height or width
-dimension. Context parallelism over a `sequence` axis is a separate path. Batch dimensions
+dimension. The one exception is attention whose sequence the rules split (`activation_length`
+onto a `sequence` axis): `kernels_pallas.attention` then runs a context-parallel strategy
+(kernels_pallas/context_parallel.py) per shard, chosen by `activation_sharding(...,
+context_parallel=)`. Batch dimensions
 follow the rules and fall back to replication when the batch does not divide. Heads are
 strict: when the heads' mesh axes cannot divide the head count, the result is a `ShardingError`
 (a ValueError) that names both numbers, not a silent replication.
@@ -100,6 +103,9 @@ class ShardingError(ValueError):
 class _Context:
     mesh: Mesh | None
     rules: tuple
+    # How attention runs when the rules split its sequence (kernels_pallas/context_parallel.py).
+    context_parallel: str = "ring"
+    load_balance: bool = True
 
 
 _ACTIVE: contextvars.ContextVar[_Context | None] = contextvars.ContextVar(
@@ -107,16 +113,19 @@ _ACTIVE: contextvars.ContextVar[_Context | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh | None = None, rules: Sequence | None = None):
+def activation_sharding(mesh: Mesh | None = None, rules: Sequence | None = None, *,
+                        context_parallel: str = "ring", load_balance: bool = True):
     """Within this context, kernels run shard-mapped over `mesh` and `constrain` applies `rules`.
 
     Enter it *inside* the function that `jax.jit` traces (the train step does), or around the
     first call that traces it: the context is read at trace time. `mesh=None` uses jax's mesh
     context (`jax.set_mesh`). `rules` are (logical name, mesh axis | tuple of axes | None) pairs;
-    names they do not mention follow `DEFAULT_RULES`.
+    names they do not mention follow `DEFAULT_RULES`. When the rules split `activation_length`
+    (context parallelism), attention runs with strategy `context_parallel` ("ring" or
+    "all_to_all"); `load_balance` selects the zigzag layout for a causal ring.
     """
     table = tuple((str(name), target) for name, target in (rules or ())) + DEFAULT_RULES
-    token = _ACTIVE.set(_Context(mesh, table))
+    token = _ACTIVE.set(_Context(mesh, table, str(context_parallel), bool(load_balance)))
     try:
         yield
     finally:
@@ -233,6 +242,28 @@ def partition_spec(names: Sequence[str | None] | None, shape: Sequence[int],
     if not names:
         return PartitionSpec()
     return _spec(resolve_axes(names, shape, axis_sizes, rules))
+
+
+def context_parallel_settings() -> tuple[str, bool]:
+    """(strategy, load_balance) for attention whose sequence is split (module doc)."""
+    context = _ACTIVE.get()
+    if context is None:
+        return "ring", True
+    return context.context_parallel, context.load_balance
+
+
+def sequence_split(names: Sequence[str | None], shape: Sequence[int],
+                   dim: int) -> tuple[tuple[str, ...], int] | None:
+    """(mesh axes, their total size) splitting dimension `dim` of an array with logical
+    `names` under the rules in force, or None when it stays whole (or no mesh is active).
+    The kernel entry points use it to tell a context-parallel call from an ordinary one."""
+    mesh, sizes, rules = _active_mesh()
+    if mesh is None:
+        return None
+    group = resolve_axes(names, shape, sizes, rules)[dim]
+    if group is None:
+        return None
+    return group, math.prod(sizes[a] for a in group)
 
 
 def current_rules() -> tuple:

@@ -20,7 +20,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import flash_tpu
-from kernels_pallas.reference import attention_reference
+from kernels_pallas.reference import (attention_reference, merge_blocks, reference_backward,
+                                      reference_forward)
 
 # Bounds on relative L2 error vs the f32 reference. f16 is computed in f32 on TPU, so only the
 # final rounding remains.
@@ -302,6 +303,118 @@ def test_dispatcher_arguments():
 
 
 # ------------------------------------------------------------------------------------------------
+# Key blocks: tpu_attention_forward / tpu_attention_backward, what context parallelism composes.
+
+KEY_BLOCK_SPLIT = 16
+# Example 1: 17 queries, 13 keys (none in the second key block); segments make some rows keyless
+# (queries 10.. of example 1, and under causality queries 10-19 of both examples).
+KEY_BLOCK_CASES = [
+        Case("softmax_f32", tq=24, tk=40, causal=True, q_lengths=(24, 17), kv_lengths=(40, 13),
+             segments=((10,), (20,)), bias=(1, 2, 24, 40), block_q=16),
+        Case("softmax_bf16", tq=24, tk=40, dtype=jnp.bfloat16, causal=True,
+             q_lengths=(24, 17), kv_lengths=(40, 13), segments=((10,), (20,)),
+             bias=(2, 2, 24, 40), block_q=16),
+        Case("sigmoid_f32", tq=24, tk=40, logits="sigmoid", causal=True, q_lengths=(24, 17),
+             kv_lengths=(40, 13), segments=((10,), (20,)), bias=(2, 1, 1, 40), block_q=16),
+]
+
+
+def _key_block(arrays, lengths, lo, hi):
+    """The 8 positional arguments of attention over keys [lo, hi) only."""
+    q, k, v, bias = arrays
+    if bias is not None and bias.shape[3] > 1:
+        bias = bias[..., lo:hi]
+    kv_len, kv_seg = lengths["kv_lengths"], lengths["kv_segment_ids"]
+    if kv_len is not None:
+        kv_len = jnp.clip(kv_len - lo, 0, hi - lo)
+    if kv_seg is not None:
+        kv_seg = kv_seg[:, lo:hi]
+    return (q, k[:, lo:hi], v[:, lo:hi], bias, lengths["q_lengths"], kv_len,
+            lengths["q_segment_ids"], kv_seg)
+
+
+def _compare_lse(lse, ref_lse, tolerance):
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    assert lse.dtype == np.float32 and lse.shape == ref_lse.shape
+    assert np.array_equal(lse == -np.inf, ref_lse == -np.inf), "rows without keys differ"
+    finite = np.isfinite(ref_lse)
+    assert np.any(~finite) and _compare(lse[finite], ref_lse[finite])[0] < tolerance
+
+
+@pytest.mark.parametrize("case", KEY_BLOCK_CASES, ids=lambda c: c.name)
+def test_key_block_forward_backward_match_reference(case):
+    """The key-block pair follows reference_forward / reference_backward. (1) On the whole key
+    range (causal) the forward gives tpu_attention's output bit for bit and the reference's
+    out and lse (-inf for keyless rows). (2) Keys split in two blocks (not causal: a causal
+    mask is top-left aligned, so it would not hold for the second block): the forwards merged
+    by merge_blocks give the whole attention, and the two backwards, each given the merged
+    out and lse, add up to the gradients of the whole attention, as a ring relies on."""
+    arrays, d_out, lengths, options = make_inputs(case, seed=13)
+    blocks = dict(block_q=case.block_q, block_k=case.block_k, interpret=True)
+    split_options = dict(options, causal=False)
+    ranges = [(0, KEY_BLOCK_SPLIT), (KEY_BLOCK_SPLIT, case.tk)]
+    softmax = case.logits == "softmax"
+
+    def kernels(q, k, v, bias, d_out):
+        whole_args = (q, k, v, bias, *lengths.values())
+        whole = flash_tpu.tpu_attention_forward(*whole_args, **options, **blocks)
+        plain = flash_tpu.tpu_attention(*whole_args, **options, **blocks)
+        per_block = [_key_block((q, k, v, bias), lengths, lo, hi) for lo, hi in ranges]
+        parts = [flash_tpu.tpu_attention_forward(*a, **split_options, **blocks)
+                 for a in per_block]
+        if softmax:
+            out, lse = merge_blocks(*parts[0], *parts[1])
+        else:
+            out, lse = sum(p[0].astype(jnp.float32) for p in parts), None
+        grads = [flash_tpu.tpu_attention_backward(*a, out if softmax else None, lse, d_out,
+                                                  **split_options, **blocks)
+                 for a in per_block]
+        return whole, plain, (out, lse), grads
+
+    compiled = jax.jit(kernels).lower(*arrays, d_out).compile(compiler_options=FAST_COMPILE)
+    (out_w, lse_w), plain, (out, lse), grads = compiled(*arrays, d_out)
+    tolerance = TOLERANCE[case.dtype]
+    upcast = tuple(None if a is None else a.astype(jnp.float32) for a in arrays)
+
+    # (1) The whole key range.
+    ref_out, ref_lse = reference_forward(*upcast, *lengths.values(), **options)
+    assert out_w.dtype == case.dtype and np.array_equal(np.asarray(out_w), np.asarray(plain))
+    assert _compare(out_w, ref_out)[0] < tolerance
+    if softmax:
+        _compare_lse(lse_w, ref_lse, tolerance)
+    else:
+        assert lse_w is None and ref_lse is None
+
+    # (2) Two key blocks, merged; their gradients summed (dq) or concatenated (keys).
+    ref_fn = _reference_fn(lengths, split_options)
+    ref_out, vjp = jax.vjp(ref_fn, *upcast)
+    ref_grads = vjp(d_out)
+    assert _compare(out, ref_out)[0] < tolerance
+    if softmax:
+        _compare_lse(lse, reference_forward(*upcast, *lengths.values(), **split_options)[1],
+                     tolerance)
+    for block_grads in grads:
+        for got, primal in zip(block_grads, arrays):
+            assert (got is None) == (primal is None)
+            assert got is None or got.dtype == primal.dtype
+    (dq_a, dk_a, dv_a, dbias_a), (dq_b, dk_b, dv_b, dbias_b) = grads
+    summed = (dq_a.astype(jnp.float32) + dq_b.astype(jnp.float32),
+              jnp.concatenate([dk_a, dk_b], axis=1), jnp.concatenate([dv_a, dv_b], axis=1),
+              jnp.concatenate([dbias_a, dbias_b], axis=3))
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), summed, ref_grads):
+        assert got.shape == want.shape, name
+        rel_l2 = _compare(got, want)[0]
+        assert rel_l2 < tolerance, f"{case.name} {name}: rel-L2 {rel_l2:.2e}"
+    # A block's share alone is reference_backward's (same merged out and lse); the second block
+    # has no key at all in example 1.
+    ref_block = reference_backward(*_key_block(upcast, lengths, *ranges[1]), out, lse, d_out,
+                                   **split_options)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads[1], ref_block):
+        rel_l2 = _compare(got, want)[0]
+        assert rel_l2 < tolerance, f"{case.name} second block {name}: rel-L2 {rel_l2:.2e}"
+
+
+# ------------------------------------------------------------------------------------------------
 # Cross-lowering for TPU.
 
 LOWERING_CASES = [
@@ -343,6 +456,31 @@ def test_lowers_for_tpu(case, with_backward):
                  and ((bias[0] == 1 and case.batch > 1) or (bias[1] == 1 and case.heads > 1)))
     names = ["flash_tpu_forward"] + (["flash_tpu_dkv", "flash_tpu_dq"] if with_backward
                                      else []) + (["flash_tpu_dbias"] if own_dbias else [])
+    assert text.count("tpu_custom_call") == len(names)
+    for name in names:
+        assert name in text
+
+
+def test_key_block_functions_lower_for_tpu():
+    """tpu_attention_forward and tpu_attention_backward (given an f32 merged output, as a ring
+    passes it, with bf16 inputs) lower for TPU: the forward kernel, dK/dV, dQ and, for this
+    bias broadcast over batch, the dbias kernel."""
+    case = Case("key_block_lowering", tq=200, tk=300, head_dim=64, dtype=jnp.bfloat16,
+                causal=True, bias=(1, 2, 200, 300), kv_lengths=(300, 10),
+                segments=((90,), (120,)))
+    arrays, d_out, lengths, options = make_inputs(case)
+    blocks = dict(block_q=None, block_k=None, interpret=False)
+
+    def forward_backward(q, k, v, bias, d_out):
+        args = (q, k, v, bias, *lengths.values())
+        out, lse = flash_tpu.tpu_attention_forward(*args, **options, **blocks)
+        grads = flash_tpu.tpu_attention_backward(*args, out.astype(jnp.float32), lse, d_out,
+                                                 **options, **blocks)
+        return out, lse, grads
+
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*arrays, d_out)]
+    text = jax.jit(forward_backward).trace(*specs).lower(lowering_platforms=("tpu",)).as_text()
+    names = ["flash_tpu_forward", "flash_tpu_dkv", "flash_tpu_dq", "flash_tpu_dbias"]
     assert text.count("tpu_custom_call") == len(names)
     for name in names:
         assert name in text

@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 
 from zoo import generate as generate_lib
+from zoo.training import mesh as mesh_lib
 from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
 
@@ -243,6 +244,13 @@ class LanguageModelingTask(Task):
         if "max_seq_len" in overrides and overrides.max_seq_len < config.lm.seq_len:
             raise ConfigError(f"config.model.overrides.max_seq_len={overrides.max_seq_len!r} is "
                               f"shorter than config.lm.seq_len={config.lm.seq_len!r}")
+        chunks = mesh_lib.sequence_chunks(config)
+        if config.lm.seq_len % chunks:
+            raise ConfigError(
+                    f"config.lm.seq_len={config.lm.seq_len} must be divisible by {chunks}: "
+                    f"context parallelism cuts each sequence into {chunks} equal chunks "
+                    f"(sequence axis size {mesh_lib.sequence_axis_size(config)}, two chunks per "
+                    f"device for the load-balanced causal ring)")
 
     def input_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {"tokens": jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.int32)}

@@ -18,6 +18,7 @@ import ml_collections
 from flax import nnx
 
 import zoo
+from kernels_pallas import context_parallel
 from kernels_pallas.api import IMPLS
 from kernels_pallas.sharding import ACTIVATION_AXES
 from zoo.axes import LOGICAL_AXES
@@ -149,7 +150,32 @@ def _check_mesh(c, num_devices: int) -> tuple[int, ...]:
         if not isinstance(targets, (tuple, list)) or any(t not in axes for t in targets):
             raise ConfigError(f"config.logical_axis_rules entry {tuple(rule)!r} names mesh "
                               f"axis {target!r}; allowed: None or axes of mesh_axes={axes}")
+    _check_sequence_axis(c, dict(zip(axes, resolved)))
     return resolved
+
+
+def _check_sequence_axis(c, sizes: dict[str, int]) -> None:
+    cp = c.context_parallel
+    if cp.strategy not in context_parallel.STRATEGIES:
+        _fail("context_parallel.strategy", cp.strategy,
+              f"one of {context_parallel.STRATEGIES}")
+    if not isinstance(cp.load_balance, bool):
+        _fail("context_parallel.load_balance", cp.load_balance, "True or False")
+    if sizes.get("sequence", 1) == 1:
+        return
+    if "sequence" in c.data_axes:
+        _fail("data_axes", tuple(c.data_axes), "data-parallel axes without 'sequence' (the "
+                                               "sequence axis splits tokens, not examples)")
+    length_rules = [rule for rule in c.logical_axis_rules if rule[0] == "activation_length"]
+    target = length_rules[0][1] if length_rules else None
+    targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    if "sequence" not in targets:
+        raise ConfigError(
+                f"config.mesh_shape gives the 'sequence' axis {sizes['sequence']} devices, but "
+                f"no logical_axis_rules entry maps 'activation_length' to it (first rule: "
+                f"{length_rules[0] if length_rules else None}), so those devices would repeat "
+                f"the same work; add ('activation_length', 'sequence') before other "
+                f"activation_length rules (configs.common.with_context_parallelism does)")
 
 
 def _check_batch(c, mesh_shape: tuple[int, ...], num_processes: int, *,

@@ -49,7 +49,9 @@ def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
     eval_step = step_lib.make_eval_step(skeleton=skeleton, task=task, mesh=mesh,
                                         model_shardings=model_shardings,
                                         data_sharding=data_sharding,
-                                        rules=mesh_lib.activation_rules(config))
+                                        rules=mesh_lib.activation_rules(config),
+                                        context_parallel=mesh_lib.context_parallel_options(
+                                                config))
     batches = pipeline.make_eval_iterator(config, task, mesh, data_sharding)
     metrics = step_lib.run_eval(eval_step, model_state, batches, task)
     result = {"step": int(step), **metrics}

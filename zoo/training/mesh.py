@@ -119,6 +119,28 @@ def activation_rules(config) -> tuple:
             tuple(rule) for rule in config.logical_axis_rules)
 
 
+def sequence_axis_size(config) -> int:
+    """Devices on the config's `sequence` mesh axis (1 without one)."""
+    return max(1, dict(zip(config.mesh_axes, config.mesh_shape)).get("sequence", 1))
+
+
+def sequence_chunks(config) -> int:
+    """How many equal pieces a context-parallel run cuts each sequence into: the sequence axis
+    size, twice that for the load-balanced causal ring (two half-chunks per device; tasks whose
+    attention is not causal may need only the axis size). Tasks check sequence lengths
+    against it in `check_config`."""
+    size = sequence_axis_size(config)
+    cp = config.context_parallel
+    return size * (2 if cp.strategy == "ring" and cp.load_balance and size > 1 else 1)
+
+
+def context_parallel_options(config) -> dict:
+    """Keyword arguments of `kernels_pallas.sharding.activation_sharding` for attention whose
+    sequence the rules split: the strategy and the causal load balancing."""
+    return dict(context_parallel=config.context_parallel.strategy,
+                load_balance=bool(config.context_parallel.load_balance))
+
+
 def param_shardings(abstract_state, mesh: Mesh, rules) -> dict:
     """Pure-dict tree of NamedShardings for an abstract `nnx.State` (Variables carry names).
 

@@ -54,6 +54,7 @@ def make_train_step(*, config, skeleton: ModelSkeleton, task: Task,
     """The jitted `(state, batch) -> (state, metrics)`; the input state is donated."""
     k = int(config.grad_accum_steps)
     rules = mesh_lib.activation_rules(config)
+    context_parallel = mesh_lib.context_parallel_options(config)
     base_key = jax.random.fold_in(jax.random.key(config.seed), _DROPOUT_STREAM)
 
     def micro_step(params, rest, batch, key):
@@ -70,7 +71,7 @@ def make_train_step(*, config, skeleton: ModelSkeleton, task: Task,
     def train_step(state, batch):
         # Read while tracing: kernels run shard-mapped over `mesh` and activations are
         # constrained by the rules (kernels_pallas/sharding.py).
-        with sharding.activation_sharding(mesh, rules):
+        with sharding.activation_sharding(mesh, rules, **context_parallel):
             return _train_step(state, batch)
 
     def _train_step(state, batch):
@@ -109,12 +110,13 @@ def make_train_step(*, config, skeleton: ModelSkeleton, task: Task,
 
 
 def make_eval_step(*, skeleton: ModelSkeleton, task: Task, mesh: Mesh, model_shardings,
-                   data_sharding: NamedSharding, rules):
+                   data_sharding: NamedSharding, rules, context_parallel: dict | None = None):
     """The jitted `(model_state, batch) -> mask-weighted metric sums` (replicated scalars);
-    `rules`: `mesh.activation_rules(config)`, how activations and kernels are split."""
+    `rules`: `mesh.activation_rules(config)`, how activations and kernels are split;
+    `context_parallel`: `mesh.context_parallel_options(config)` (default: ring)."""
 
     def eval_step(model_state, batch):
-        with sharding.activation_sharding(mesh, rules):
+        with sharding.activation_sharding(mesh, rules, **(context_parallel or {})):
             return task.eval_sums(skeleton.build(model_state), batch)
 
     return jax.jit(eval_step, in_shardings=(model_shardings, data_sharding),

@@ -143,7 +143,9 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
     eval_step = step_lib.make_eval_step(skeleton=skeleton, task=task, mesh=mesh,
                                         model_shardings=model_shardings,
                                         data_sharding=data_sharding,
-                                        rules=mesh_lib.activation_rules(config))
+                                        rules=mesh_lib.activation_rules(config),
+                                        context_parallel=mesh_lib.context_parallel_options(
+                                                config))
 
     def evaluate(step: int) -> dict:
         batches = pipeline.make_eval_iterator(config, task, mesh, data_sharding)

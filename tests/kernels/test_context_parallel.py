@@ -1,0 +1,184 @@
+"""Context-parallel attention (kernels_pallas/context_parallel.py) on 8 CPU devices.
+
+`kernels_pallas.attention` runs ring or all-to-all attention whenever the rules in force split
+the sequence (`activation_length` -> `sequence`). Each case jits forward + gradients under such a
+mesh and compares them with single-device attention on the same inputs:
+  * XLA route (the reference per key block): ring and all-to-all on meshes (data 2, sequence 2),
+    (data 2, sequence 4) and (sequence 8), for
+    causal (load-balanced zigzag), non-causal, padded (lengths), packed (segment ids), and
+    sigmoid logits with a per-head bias;
+  * kernel route (`impl="interpret"`: the Triton kernel per key block, interpreted) on the
+    smallest mesh, one combined case per strategy plus sigmoid for the ring;
+  * the compiled ring step sends K/V with collective-permutes and never all-gathers them;
+  * calls a strategy cannot take are clear errors raised while tracing.
+Tolerances: f32 throughout, relative max error 1e-5 (kernels.md's f32 row; merging blocks adds
+one exp/log rounding per ring step).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+import kernels_pallas
+from kernels_pallas import sharding
+from zoo.training import hlo
+
+B, T, H, D = 2, 32, 8, 8
+RTOL = 1e-5
+RULES = (("activation_length", "sequence"), ("activation_batch", "data"))
+
+
+def _mesh(data: int, sequence: int):
+    return jax.make_mesh((data, sequence), ("data", "sequence"),
+                         axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:data * sequence])
+
+
+def _inputs(seed: int = 0, seq: int = T, heads: int = H):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q, k, v, d_out = (jax.random.normal(key, (B, seq, heads, D), jnp.float32)
+                      for key in keys[:4])
+    bias = jax.random.normal(keys[4], (1, heads, 1, 1), jnp.float32)
+    return q, k, v, d_out, bias
+
+
+def _case_kwargs(case: str, seq: int = T) -> dict:
+    # Lengths and segment boundaries fall inside chunks, not on their edges.
+    lengths = jnp.array([seq, seq - 11], jnp.int32)
+    a, b = seq // 6, seq // 2 + 3
+    segments = jnp.array([[0] * a + [1] * (b - a) + [2] * (seq - b),
+                          [0] * (seq // 3) + [1] * (seq - seq // 3)], jnp.int32)
+    return {
+            "causal": dict(causal=True),
+            "noncausal": dict(causal=False),
+            "padded": dict(causal=True, q_lengths=lengths, kv_lengths=lengths - 2),
+            "packed": dict(causal=True, q_segment_ids=segments, kv_segment_ids=segments),
+            "sigmoid": dict(causal=True, logits="sigmoid"),
+            "combined": dict(causal=True, q_lengths=lengths, kv_lengths=lengths,
+                             q_segment_ids=segments, kv_segment_ids=segments),
+    }[case]
+
+
+def _loss_and_grads(impl, kwargs, with_bias, q, k, v, d_out, bias):
+    def loss(q, k, v, bias):
+        out = kernels_pallas.attention(q, k, v, bias if with_bias else None, impl=impl,
+                                       **kwargs)
+        return jnp.sum(out.astype(jnp.float32) * d_out), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v,
+                                                                                     bias)
+    return out, grads
+
+
+def _compare(case, impl, strategy, data, sequence, *, load_balance=True, seed=0):
+    kwargs = _case_kwargs(case)
+    with_bias = case == "sigmoid"
+    q, k, v, d_out, bias = _inputs(seed)
+    want_out, want_grads = jax.jit(
+            lambda *a: _loss_and_grads("xla", kwargs, with_bias, *a))(q, k, v, d_out, bias)
+    mesh = _mesh(data, sequence)
+
+    def sharded(*arrays):
+        with sharding.activation_sharding(mesh, RULES, context_parallel=strategy,
+                                          load_balance=load_balance):
+            return _loss_and_grads(impl, kwargs, with_bias, *arrays)
+
+    with sharding.record_kernel_calls() as calls:
+        got_out, got_grads = jax.jit(sharded)(q, k, v, d_out, bias)
+    assert [c.what for c in calls] == [f"attention[{strategy}]"]
+    assert tuple(calls[0].in_specs[0])[:2] == (None if data == 1 else "data", "sequence")
+    names = ("out", "dq", "dk", "dv", "dbias")
+    for name, got, want in zip(names, (got_out, *got_grads), (want_out, *want_grads)):
+        if name == "dbias" and not with_bias:
+            continue
+        scale = float(jnp.max(jnp.abs(want)))
+        assert scale > 0, f"{name} is all zeros: the case tests nothing"
+        error = float(jnp.max(jnp.abs(got - want))) / scale
+        assert error <= RTOL, f"{case} {strategy} seq{sequence}: {name} rel error {error:.2e}"
+
+
+XLA_CASES = ("causal", "noncausal", "padded", "packed", "sigmoid")
+
+
+@pytest.mark.parametrize("sequence", (2, 4, 8))
+@pytest.mark.parametrize("strategy", ("ring", "all_to_all"))
+@pytest.mark.parametrize("case", XLA_CASES)
+def test_xla_route_matches_one_device(case, strategy, sequence):
+    _compare(case, "xla", strategy, 2 if sequence < 8 else 1, sequence)
+
+
+def test_ring_without_load_balancing_matches_one_device():
+    _compare("packed", "xla", "ring", 1, 4, load_balance=False)
+
+
+@pytest.mark.parametrize("strategy,case", [("ring", "combined"), ("ring", "sigmoid"),
+                                           ("all_to_all", "combined")])
+def test_kernel_route_matches_one_device(strategy, case):
+    """The Triton kernel (interpreted) per key block / per head shard, on (data 2, seq 2)."""
+    _compare(case, "interpret", strategy, 2, 2)
+
+
+def test_ring_hlo_permutes_kv_and_never_gathers_it():
+    mesh = _mesh(1, 8)
+    q, k, v, d_out, bias = _inputs()
+
+    def step(q, k, v):
+        with sharding.activation_sharding(mesh, RULES, context_parallel="ring"):
+            return _loss_and_grads("xla", dict(causal=True), False, q, k, v, d_out, bias)
+
+    text = jax.jit(step).lower(q, k, v).compile().as_text()
+    found = hlo.collectives(text)
+    kinds = hlo.counts(found)
+    assert kinds.get("collective-permute", 0) > 0, kinds
+    # Nothing the size of a whole K/V (or of any sequence-length array) is ever gathered.
+    gathered = [c for c in found if c.kind in ("all-gather", "all-to-all")]
+    assert not gathered, f"ring step gathers: {gathered}"
+
+
+def test_all_to_all_moves_heads_not_sequences():
+    mesh = _mesh(2, 4)
+    q, k, v, d_out, bias = _inputs()
+
+    def forward(q, k, v):
+        with sharding.activation_sharding(mesh, RULES, context_parallel="all_to_all"):
+            return kernels_pallas.attention(q, k, v, causal=True, impl="xla")
+
+    kinds = hlo.counts(hlo.collectives(jax.jit(forward).lower(q, k, v).compile().as_text()))
+    assert kinds.get("all-to-all", 0) >= 4 and not kinds.get("all-gather"), kinds
+
+
+@pytest.mark.parametrize("strategy,kwargs,seq,heads,message", [
+        ("all_to_all", dict(causal=True), T, 4, "heads on each device (4) divisible by the "
+                                                "sequence axis size (8)"),
+        ("ring", dict(causal=True), 24, H, "sequence length 24 must be divisible by 2 x the "
+                                           "sequence axis size"),
+        ("ring", dict(bias=jnp.zeros((1, H, T, T))), T, H, "bias broadcast over the sequence"),
+        ("sideways", dict(), T, H, "strategy must be one of ('ring', 'all_to_all')"),
+])
+def test_calls_a_strategy_cannot_take_are_clear_errors(strategy, kwargs, seq, heads, message):
+    mesh = _mesh(1, 8)
+    q, k, v, _, _ = _inputs(seq=seq, heads=heads)
+    kwargs = dict(kwargs)
+    bias = kwargs.pop("bias", None)
+
+    def forward(q, k, v):
+        with sharding.activation_sharding(mesh, RULES, context_parallel=strategy):
+            return kernels_pallas.attention(q, k, v, bias, impl="xla", **kwargs)
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        jax.jit(forward).lower(q, k, v)
+
+
+def test_cross_attention_with_only_one_side_split_is_a_clear_error():
+    mesh = _mesh(1, 8)
+    q, _, _, _, _ = _inputs()
+    k = v = jnp.ones((B, 12, H, D))
+
+    def forward(q, k, v):
+        with sharding.activation_sharding(mesh, RULES):
+            return kernels_pallas.attention(q, k, v, impl="xla")
+
+    with pytest.raises(ValueError, match="splits the queries .* and the keys .* differently"):
+        jax.jit(forward).lower(q, k, v)
