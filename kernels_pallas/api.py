@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import context_parallel, sharding
-from kernels_pallas.reference import (attention_reference, reference_backward,
-                                      reference_forward)
+from kernels_pallas.reference import (attention_reference, chunk_causal_bias,
+                                      reference_backward, reference_forward)
 
 IMPLS = ("auto", "pallas", "cudnn", "xla", "interpret")
 LOGITS = ("softmax", "sigmoid")
@@ -158,7 +158,8 @@ _SEGMENT_NAMES = (sharding.BATCH, None)
 def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None = None,
               q_lengths=None, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
               logits: str = "softmax", sigmoid_bias: float | None = None, impl: str = "auto",
-              block_q: int | None = None, block_k: int | None = None):
+              block_q: int | None = None, block_k: int | None = None,
+              causal_chunk: int | None = None):
     """Multi-head attention on [batch, seq, heads, head_dim] inputs.
 
     Args:
@@ -184,6 +185,11 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
         block_q, block_k: kernel tile sizes (powers of two); default per backend. On TPU
             block_q must also be >= 8 (16 for 16-bit dtypes) and block_k a multiple of 128,
             unless one block covers the whole sequence.
+        causal_chunk: with causal=True and Tq == Tk, block-causal attention: key j is
+            visible to query i when j // causal_chunk <= i // causal_chunk (full attention
+            inside chunks, causal across them; FIT-AR's latents). Kernels receive it as an
+            additive bias; context-parallel rings keep it structural (only diagonal chunk
+            pairs carry a chunk-sized bias).
 
     Returns:
         [B, Tq, H, Dv] in q.dtype. A query row with no valid key returns zeros.
@@ -193,27 +199,24 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
                       kv_segment_ids=kv_segment_ids, logits=logits, sigmoid_bias=sigmoid_bias,
                       impl=impl, block_q=block_q, block_k=block_k)
     (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids), options = args
-    facts = call_facts(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, options)
-    resolved = resolve_impl(impl, facts)
-    arrays = (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids)
+    causal_chunk = _causal_chunk(causal_chunk, options["causal"], q.shape[1], k.shape[1])
     split_q = sharding.sequence_split(_CP_QKV_NAMES, q.shape, 1)
     split_k = sharding.sequence_split(_CP_QKV_NAMES, k.shape, 1)
     if split_q is not None or split_k is not None:
-        return _context_parallel(arrays, options, resolved, split_q, split_k)
+        facts = call_facts(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, options)
+        arrays = (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids)
+        return _context_parallel(arrays, options, resolve_impl(impl, facts), split_q, split_k,
+                                 causal_chunk)
+    if causal_chunk is not None:
+        bias, options = _as_bias(bias, options, causal_chunk, q.shape[1])
+    facts = call_facts(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, options)
+    resolved = resolve_impl(impl, facts)
     if resolved == "xla":
         return attention_reference(
                 q, k, v, bias, q_lengths=q_lengths, kv_lengths=kv_lengths,
                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                 **_reference_options(options))
-    if resolved == "cudnn":
-        def kernel(q, k, v, bias, *_):  # no lengths or segment ids reach this route
-            return cudnn_attention(q, k, v, bias, causal=options["causal"],
-                                   scale=options["scale"])
-    elif resolved == "interpret":
-        kernel = functools.partial(_kernel_for(_INTERPRET_BACKEND), interpret=True, **options)
-    else:
-        kernel = functools.partial(_kernel_for(jax.default_backend()), interpret=False,
-                                   **options)
+    kernel = _route_kernel(resolved, options)
     # Inside a mesh the kernel runs per shard: batch over the data axes, heads over `tensor`
     # (kernels_pallas/sharding.py). The XLA reference above needs no such help: XLA partitions it.
     return sharding.shard_kernel(
@@ -229,11 +232,71 @@ _CP_QKV_NAMES = (sharding.BATCH, sharding.LENGTH, sharding.HEADS, None)
 _CP_SEGMENT_NAMES = (sharding.BATCH, sharding.LENGTH)
 
 
-def _context_parallel(arrays, options, resolved, split_q, split_k):
+def _causal_chunk(value, causal: bool, tq: int, tk: int) -> int | None:
+    """The validated `causal_chunk` (None when absent or 1: plain causality)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < 1:
+        raise ValueError(f"causal_chunk must be None or a positive integer, got {value!r}")
+    if not causal:
+        raise ValueError(f"causal_chunk={value} needs causal=True (it makes causality "
+                         f"block-wise)")
+    if tq != tk:
+        raise ValueError(f"causal_chunk needs self-attention (Tq == Tk), got Tq={tq}, Tk={tk}")
+    return int(value) if value > 1 else None
+
+
+def _as_bias(bias, options, causal_chunk: int, length: int):
+    """Block-causal attention as an additive bias on a non-causal call (for the kernels)."""
+    mask = chunk_causal_bias(length, causal_chunk)[None, None]
+    bias = mask if bias is None else bias + mask.astype(bias.dtype)
+    return bias, dict(options, causal=False)
+
+
+def _cross_attention_split_queries(arrays, options, resolved, split_q):
+    """Queries split along the sequence, keys whole (tokens attending to a short context
+    such as FIT's conditioning): each shard attends its queries to all keys, no
+    communication. Causality and query lengths would need each shard's offset: rejected."""
+    q, k = arrays[0], arrays[1]
+    if options["causal"] or arrays[4] is not None:
+        raise ValueError(f"attention: queries split over the sequence axis ({q.shape[1]} "
+                         f"tokens over {split_q[0]}) with whole keys ({k.shape[1]} tokens) "
+                         f"supports neither causal=True nor q_lengths; map activation_length "
+                         f"to None for this model")
+    kernel = _route_kernel(resolved, options)
+    kv_names = (sharding.BATCH, None, sharding.HEADS, None)
+    return sharding.shard_kernel(
+            kernel, arrays,
+            (_CP_QKV_NAMES, kv_names, kv_names, _BIAS_NAMES, _LENGTHS_NAMES, _LENGTHS_NAMES,
+             _CP_SEGMENT_NAMES, _SEGMENT_NAMES),
+            _CP_QKV_NAMES, what="attention[split queries]")
+
+
+def _route_kernel(resolved, options):
+    """The differentiable attention of a route, with the normalised signature."""
+    if resolved == "xla":
+        def kernel(*operands):
+            return attention_reference(*operands[:4], q_lengths=operands[4],
+                                       kv_lengths=operands[5], q_segment_ids=operands[6],
+                                       kv_segment_ids=operands[7], **_reference_options(options))
+        return kernel
+    if resolved == "cudnn":  # no lengths or segment ids reach this route
+        return lambda q, k, v, bias, *_: cudnn_attention(q, k, v, bias,
+                                                         causal=options["causal"],
+                                                         scale=options["scale"])
+    backend = _INTERPRET_BACKEND if resolved == "interpret" else jax.default_backend()
+    return functools.partial(_kernel_for(backend), interpret=resolved == "interpret",
+                             **options)
+
+
+def _context_parallel(arrays, options, resolved, split_q, split_k, causal_chunk):
     """A call whose sequence the rules split: ring or all-to-all attention per shard
     (kernels_pallas/context_parallel.py), with our kernel per block (the reference on the xla
     route; cuDNN returns no log-sum-exp, so its calls take our kernel)."""
     q, k, v, bias = arrays[:4]
+    if split_q is not None and split_k is None and causal_chunk is None:
+        return _cross_attention_split_queries(arrays, options, resolved, split_q)
     if split_q != split_k:
         raise ValueError(
                 f"attention: the sequence axis splits the queries ({q.shape[1]} tokens: "
@@ -244,42 +307,45 @@ def _context_parallel(arrays, options, resolved, split_q, split_k):
     axes, axis_size = split_q
     axis = axes[0] if len(axes) == 1 else axes
     strategy, load_balance = sharding.context_parallel_settings()
+    if resolved in ("xla", "cudnn"):
+        resolved = "xla" if resolved == "xla" else "pallas"
     if resolved == "xla":
         forward, backward = reference_forward, reference_backward
-
-        def kernel(*operands):
-            return attention_reference(*operands[:4], q_lengths=operands[4],
-                                       kv_lengths=operands[5], q_segment_ids=operands[6],
-                                       kv_segment_ids=operands[7], **_reference_options(options))
     else:
         backend = _INTERPRET_BACKEND if resolved == "interpret" else jax.default_backend()
-        module = importlib.import_module(_BLOCK_BACKENDS[backend][0])
-        flags = dict(options, interpret=resolved == "interpret")
-        forward = functools.partial(getattr(module, _BLOCK_BACKENDS[backend][1]),
-                                    interpret=flags["interpret"])
-        backward = functools.partial(getattr(module, _BLOCK_BACKENDS[backend][2]),
-                                     interpret=flags["interpret"])
-        kernel = functools.partial(_kernel_for(backend), **flags)
+        module_name, forward_name, backward_name = _BLOCK_BACKENDS[backend]
+        module = importlib.import_module(module_name)
+        interpret = resolved == "interpret"
+        forward = functools.partial(getattr(module, forward_name), interpret=interpret)
+        backward = functools.partial(getattr(module, backward_name), interpret=interpret)
+    # all-to-all runs the ordinary kernel on the whole sequence (block-causality as a bias).
+    a2a_options = options if causal_chunk is None else dict(options, causal=False)
+    a2a_kernel = _route_kernel(resolved, a2a_options)
+    if causal_chunk is not None:
+        plain_kernel = a2a_kernel
+
+        def a2a_kernel(q, k, v, bias, *rest):
+            return plain_kernel(q, k, v, _as_bias(bias, options, causal_chunk, q.shape[1])[0],
+                                *rest)
+
+    def check(local_heads, bias_shape):
+        context_parallel.check_call(
+                strategy, axis_size=axis_size, seq_q=q.shape[1], seq_k=k.shape[1],
+                local_heads=local_heads, causal=options["causal"], load_balance=load_balance,
+                bias_shape=bias_shape, causal_chunk=causal_chunk)
 
     def per_device(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids):
-        context_parallel.check_call(
-                strategy, axis_size=axis_size, seq_q=q.shape[1] * axis_size,
-                seq_k=k.shape[1] * axis_size, local_heads=q.shape[2],
-                causal=options["causal"], load_balance=load_balance,
-                bias_shape=None if bias is None else tuple(bias.shape))
+        check(q.shape[2], None if bias is None else tuple(bias.shape))
         local = (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids)
         if strategy == "all_to_all":
             return context_parallel.all_to_all_attention(*local, axis=axis,
-                                                         axis_size=axis_size, kernel=kernel)
+                                                         axis_size=axis_size, kernel=a2a_kernel)
         return context_parallel.ring_attention(
                 *local, axis=axis, axis_size=axis_size, load_balance=load_balance,
-                forward=forward, backward=backward, options=options)
+                forward=forward, backward=backward, options=options, causal_chunk=causal_chunk)
 
     if bias is not None and bias.shape[2:] != (1, 1):
-        context_parallel.check_call(strategy, axis_size=axis_size, seq_q=q.shape[1],
-                                    seq_k=k.shape[1], local_heads=q.shape[2],
-                                    causal=options["causal"], load_balance=load_balance,
-                                    bias_shape=tuple(bias.shape))
+        check(q.shape[2], tuple(bias.shape))  # before shard_map would split the bias
     return sharding.shard_kernel(
             per_device, arrays,
             (_CP_QKV_NAMES, _CP_QKV_NAMES, _CP_QKV_NAMES, _BIAS_NAMES, _LENGTHS_NAMES,

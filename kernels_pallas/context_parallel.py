@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.reference import merge_blocks
+from kernels_pallas.reference import chunk_causal_bias, merge_blocks
 
 STRATEGIES = ("ring", "all_to_all")
 F32 = jnp.float32
@@ -76,6 +76,7 @@ class RingSpec:
     forward: Callable  # key-block forward (reference.reference_forward contract)
     backward: Callable  # key-block backward
     options: tuple  # the remaining static kernel options, as sorted (name, value) pairs
+    causal_chunk: int | None = None  # block-causal granularity (api's causal_chunk)
 
     @property
     def kwargs(self) -> dict:
@@ -83,7 +84,7 @@ class RingSpec:
 
 
 def check_call(strategy: str, *, axis_size: int, seq_q: int, seq_k: int, local_heads: int,
-               causal: bool, load_balance: bool, bias_shape) -> None:
+               causal: bool, load_balance: bool, bias_shape, causal_chunk=None) -> None:
     """Clear errors, raised while tracing (before compilation), for calls a strategy cannot
     take."""
     if strategy not in STRATEGIES:
@@ -104,6 +105,13 @@ def check_call(strategy: str, *, axis_size: int, seq_q: int, seq_k: int, local_h
                 "device)" if chunks != axis_size else "the sequence axis size")
         raise ValueError(f"context parallelism: sequence length {seq_q} must be divisible by "
                          f"{what} = {chunks}")
+    if causal_chunk is not None and strategy == "ring":
+        if bias_shape is not None:
+            raise ValueError("context-parallel ring attention takes causal_chunk or a bias, "
+                             "not both")
+        if (seq_q // chunks) % causal_chunk:
+            raise ValueError(f"context parallelism: each device's {seq_q // chunks}-token "
+                             f"chunk must hold whole causal chunks of {causal_chunk}")
     if strategy == "all_to_all" and local_heads % axis_size:
         raise ValueError(f"context-parallel strategy 'all_to_all' needs the heads on each "
                          f"device ({local_heads}) divisible by the sequence axis size "
@@ -200,12 +208,22 @@ def _pair_kind(spec: RingSpec, step: int, i: int, j: int, device, source):
     return jnp.where(visible, _FULL, _SKIP)
 
 
+def _diagonal(spec: RingSpec, causal: bool, length: int, bias):
+    """(bias, causal flag) of a pair's kernel call. A block-causal diagonal pair carries the
+    chunk mask of one sub-chunk: sub-chunks start on chunk boundaries (check_call), so every
+    diagonal pair has the same mask, and off-diagonal pairs are wholly visible or skipped."""
+    if causal and spec.causal_chunk is not None:
+        return chunk_causal_bias(length, spec.causal_chunk)[None, None], False
+    return bias, causal
+
+
 def _pair_forward(spec: RingSpec, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, kind):
     """(out f32, lse) of one pair; `kind` is not a static _SKIP (those are never called)."""
     def run(causal):
         def fn():
-            out, lse = spec.forward(q, k, v, bias, q_len, kv_len, q_seg, kv_seg,
-                                    **dict(spec.kwargs, causal=causal))
+            diagonal_bias, causal_flag = _diagonal(spec, causal, q.shape[1], bias)
+            out, lse = spec.forward(q, k, v, diagonal_bias, q_len, kv_len, q_seg, kv_seg,
+                                    **dict(spec.kwargs, causal=causal_flag))
             return out.astype(F32), lse
         return fn
 
@@ -226,10 +244,13 @@ def _pair_backward(spec: RingSpec, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, 
                    kind):
     def run(causal):
         def fn():
-            dq, dk, dv, dbias = spec.backward(q, k, v, bias, q_len, kv_len, q_seg, kv_seg, out,
-                                              lse, d_out, **dict(spec.kwargs, causal=causal))
+            diagonal_bias, causal_flag = _diagonal(spec, causal, q.shape[1], bias)
+            dq, dk, dv, dbias = spec.backward(q, k, v, diagonal_bias, q_len, kv_len, q_seg,
+                                              kv_seg, out, lse, d_out,
+                                              **dict(spec.kwargs, causal=causal_flag))
+            # With causal_chunk the bias is the chunk mask (a constant): no gradient.
             return (dq.astype(F32), dk.astype(F32), dv.astype(F32),
-                    None if dbias is None else dbias.astype(F32))
+                    None if bias is None else dbias.astype(F32))
         return fn
 
     if isinstance(kind, int):
@@ -342,18 +363,20 @@ _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
 
 def ring_attention(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, *,
                    axis, axis_size: int, load_balance: bool, forward: Callable,
-                   backward: Callable, options: dict):
+                   backward: Callable, options: dict, causal_chunk: int | None = None):
     """Ring attention on a device's local chunks (inside `shard_map`, sequence contiguous).
 
     `forward`/`backward` are a backend's key-block pair (`reference.reference_forward`
-    contract); `options` the normalised static options of `kernels_pallas.api`.
+    contract); `options` the normalised static options of `kernels_pallas.api`;
+    `causal_chunk` makes causality block-wise (full inside chunks of that many tokens).
     """
     causal = options["causal"]
     zigzag = bool(causal and load_balance and axis_size > 1)
     rest = tuple(sorted((name, value) for name, value in options.items()
                         if name not in ("causal", "logits")))
     spec = RingSpec(axis=axis, size=axis_size, zigzag=zigzag, causal=causal,
-                    logits=options["logits"], forward=forward, backward=backward, options=rest)
+                    logits=options["logits"], forward=forward, backward=backward, options=rest,
+                    causal_chunk=causal_chunk)
     if zigzag:
         q, k, v = (_to_zigzag(x, axis, axis_size) for x in (q, k, v))
         if q_segment_ids is not None:

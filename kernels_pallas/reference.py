@@ -18,6 +18,19 @@ import jax
 import jax.numpy as jnp
 
 
+# Additive logit of a masked-out pair in a mask given as a bias: exp(-1e30 - max) and
+# sigmoid(-1e30) are exactly 0 in float32, and unlike -inf it never makes inf - inf.
+MASKED_LOGIT = -1e30
+
+
+def chunk_causal_bias(length: int, chunk: int):
+    """[length, length] f32 additive bias of block-causal attention: 0 where
+    key // chunk <= query // chunk (full inside a chunk, causal across chunks), else
+    MASKED_LOGIT. How `kernels_pallas.attention(causal_chunk=)` reaches a kernel."""
+    index = jnp.arange(length) // chunk
+    return jnp.where(index[None, :] <= index[:, None], 0.0, MASKED_LOGIT).astype(jnp.float32)
+
+
 def attention_mask(batch: int, tq: int, tk: int, *, causal: bool = False, q_lengths=None,
                    kv_lengths=None, q_segment_ids=None, kv_segment_ids=None):
     """Boolean [B, 1, Tq, Tk] validity mask (broadcast over heads), or None if all valid."""

@@ -266,6 +266,31 @@ def sequence_split(names: Sequence[str | None], shape: Sequence[int],
     return group, math.prod(sizes[a] for a in group)
 
 
+@contextlib.contextmanager
+def groups_in_batch():
+    """Within this context, the batch dimension of activations holds a sequence's groups
+    folded in ([B * groups, tokens per group, ...], FIT's local and read/write layers), so the
+    mesh axes that split the sequence (`activation_length`) split that batch instead, beside
+    the data axes, and lengths stay whole. Folding a sequence split over (data, sequence)
+    into [B * groups] then moves no data, and each group's attention stays on one device.
+    Outside a mesh, or without a sequence split, it changes nothing."""
+    context = _ACTIVE.get()
+    rules = context.rules if context is not None else DEFAULT_RULES
+    table = _rule_groups(rules)
+    batch = next((g for g in table.get(BATCH, []) if g), None)
+    length = next(iter(table.get(LENGTH, [])), ())
+    if not batch or not length:
+        yield
+        return
+    folded = ((BATCH, batch + tuple(a for a in length if a not in batch)), (LENGTH, None))
+    token = _ACTIVE.set(dataclasses.replace(context, rules=folded + rules) if context
+                        else _Context(None, folded + rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 def current_rules() -> tuple:
     """The rules table in force (`DEFAULT_RULES` outside `activation_sharding`)."""
     return _active_mesh()[2]

@@ -25,10 +25,18 @@ Attention, all through `kernels_pallas.attention`:
     visit (and mask) T^2 tile pairs per row of groups;
   * read/write fold groups likewise (latents [B*T, m, d_l] vs tokens [B*T, n, c]);
   * FIT-AR: tokens are causal within their group (`causal=True`); latents are chunk-causal
-    (full attention among a group's m latents, causal across groups) through an additive
-    block bias [T*m, T*m] (0 / -1e30), since neither plain causality nor segment ids express
-    it; and before each write the latents are shifted by one group (group t reads the latents
-    of group t-1, group 0 reads zeros), so token i never sees information from tokens >= i.
+    (full attention among a group's m latents, causal across groups: `causal_chunk=m`, which
+    reaches the kernel as an additive block bias [T*m, T*m] of 0 / -1e30, since neither plain
+    causality nor segment ids express it); and before each write the latents are shifted by
+    one group (group t reads the latents of group t-1, group 0 reads zeros), so token i never
+    sees information from tokens >= i.
+
+Context parallelism (a `sequence` mesh axis splitting `activation_length`): the groups are the
+unit that is split. Local, read and write layers run under `sharding.groups_in_batch()`, so
+their folded batch [B*T] is split over the data and sequence axes and each group stays on one
+device (no communication); only the global latent layers attend across devices, through the
+context-parallel attention (ring: a block-causal ring whose chunks hold whole groups). The
+groups per device must divide: T by the sequence axis size (twice that for the causal ring).
 
 Gradient checkpointing: `remat=True` wraps every local, global, read and write layer in
 `nnx.remat`, so only layer inputs are kept for the backward pass.
@@ -42,10 +50,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas import sharding
 from zoo import axes, layers
 
 NORM_EPS = 1e-6
-_MASKED = -1e30
 
 
 def parse_layer_spec(spec: str) -> list[tuple[int, int]]:
@@ -68,12 +76,6 @@ def parse_layer_spec(spec: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in pairs]
 
 
-def chunk_causal_bias(num_groups: int, per_group: int) -> jax.Array:
-    """[T*m, T*m] additive bias: 0 where key group <= query group, -1e30 elsewhere."""
-    group = jnp.arange(num_groups * per_group) // per_group
-    return jnp.where(group[None, :] <= group[:, None], 0.0, _MASKED).astype(jnp.float32)
-
-
 class FITLayer(nnx.Module):
     """Pre-LN self-attention + MLP (the reference's TransformerEncoderLayer)."""
 
@@ -88,9 +90,10 @@ class FITLayer(nnx.Module):
                               rngs=rngs, **common)
         self.drop_path = layers.DropPath(drop_path)
 
-    def __call__(self, x, bias=None, *, causal: bool = False, train: bool = False,
-                 rngs: nnx.Rngs | None = None):
-        y = self.attn(self.norm1(x), bias=bias, causal=causal, train=train, rngs=rngs)
+    def __call__(self, x, bias=None, *, causal: bool = False, causal_chunk: int | None = None,
+                 train: bool = False, rngs: nnx.Rngs | None = None):
+        y = self.attn(self.norm1(x), bias=bias, causal=causal, causal_chunk=causal_chunk,
+                      train=train, rngs=rngs)
         x = x + self.drop_path(y, train=train, rngs=rngs)
         y = self.mlp(self.norm2(x), train=train, rngs=rngs)
         return axes.constrain(x + self.drop_path(y, train=train, rngs=rngs), axes.TOKENS)
@@ -177,26 +180,30 @@ class FITTrunk(nnx.Module):
         b, t, n, c = x.shape
         m, d = latents.shape[2], latents.shape[3]
         x = x.reshape(b * t, n, c)
-        latent_bias = chunk_causal_bias(t, m)[None, None] if autoregressive else None
+        latent_causality = (dict(causal=True, causal_chunk=m) if autoregressive else {})
         kw = dict(train=train, rngs=rngs)
         for i, (local, global_) in enumerate(self.pairs):
-            for layer in self.x_networks[i]:
-                x = _run(layer, self.remat, x, causal=autoregressive, **kw)
+            with sharding.groups_in_batch():
+                for layer in self.x_networks[i]:
+                    x = _run(layer, self.remat, x, causal=autoregressive, **kw)
+                if global_:
+                    latents = _run(self.reads[i], self.remat, latents.reshape(b * t, m, d), x,
+                                   **kw)
             if not global_:
                 continue
-            latents = _run(self.reads[i], self.remat, latents.reshape(b * t, m, d), x, **kw)
             latents = latents.reshape(b, t * m, d)
             if self.cond_attention[i] is not None:
                 latents = _run(self.cond_attention[i], self.remat, latents, cond, **kw)
             for layer in self.latent_networks[i]:
-                latents = _run(layer, self.remat, latents, latent_bias, **kw)
+                latents = _run(layer, self.remat, latents, **latent_causality, **kw)
             latents = latents.reshape(b, t, m, d)
             if self.writes[i] is not None:
                 source = latents
                 if autoregressive:  # group t writes from group t-1's latents; group 0: zeros
                     source = jnp.concatenate([jnp.zeros_like(latents[:, :1]),
                                               latents[:, :-1]], axis=1)
-                x = _run(self.writes[i], self.remat, x, source.reshape(b * t, m, d), **kw)
+                with sharding.groups_in_batch():
+                    x = _run(self.writes[i], self.remat, x, source.reshape(b * t, m, d), **kw)
         return self.x_norm(x.reshape(b, t, n, c)), self.latent_norm(latents)
 
 

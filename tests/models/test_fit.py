@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import zoo
+from kernels_pallas.reference import chunk_causal_bias
 from zoo import fit, fit_trunk
 
 TRUNK = dict(layer_spec="(1)1(1)", latents_per_group=4, x_dim=16, latent_dim=32, x_heads=2,
@@ -30,7 +31,7 @@ def test_layer_spec_parser_rejects(spec):
 
 def test_chunk_causal_bias_matches_brute_force():
     t, m = 3, 2
-    bias = np.asarray(fit_trunk.chunk_causal_bias(t, m))
+    bias = np.asarray(chunk_causal_bias(t * m, m))
     for i in range(t * m):
         for j in range(t * m):
             allowed = j // m <= i // m  # full inside a group, causal across groups
@@ -104,14 +105,13 @@ def test_ar_latent_shift_is_what_keeps_it_causal():
         trunk = model.trunk
         x = x.reshape(b * t, n, -1)
         latents = model._initial_latents(b)
-        bias = fit_trunk.chunk_causal_bias(t, trunk.latents_per_group)[None, None]
         for i, (_, g) in enumerate(trunk.pairs):
             for layer in trunk.x_networks[i]:
                 x = layer(x, causal=True)
             if g:
                 latents = trunk.reads[i](latents.reshape(b * t, 4, -1), x).reshape(b, t * 4, -1)
                 for layer in trunk.latent_networks[i]:
-                    latents = layer(latents, bias)
+                    latents = layer(latents, causal=True, causal_chunk=4)
                 latents = latents.reshape(b, t, 4, -1)
                 if trunk.writes[i] is not None:
                     x = trunk.writes[i](x, latents.reshape(b * t, 4, -1))

@@ -116,12 +116,13 @@ class Attention(nnx.Module):
         return self.q(x), self.k(context), self.v(context)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, bias=None,
-                 causal: bool = False, q_lengths=None, kv_lengths=None, q_segment_ids=None,
-                 kv_segment_ids=None, train: bool = False,
+                 causal: bool = False, causal_chunk: int | None = None, q_lengths=None,
+                 kv_lengths=None, q_segment_ids=None, kv_segment_ids=None, train: bool = False,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
         """x: [batch, q_len, dim]; context: [batch, kv_len, kv_dim] (cross-attention only).
 
-        bias, causal, lengths and segment ids are passed to `kernels_pallas.attention` unchanged
+        bias, causal, causal_chunk, lengths and segment ids are passed to
+        `kernels_pallas.attention` unchanged
         (see kernels_pallas/reference.py for their semantics).
         """
         if x.ndim != 3:
@@ -142,7 +143,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = kernels_pallas.attention(
-                q, k, v, bias, causal=causal, scale=self.scale, q_lengths=q_lengths,
+                q, k, v, bias, causal=causal, causal_chunk=causal_chunk, scale=self.scale,
+                q_lengths=q_lengths,
                 kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
                 kv_segment_ids=kv_segment_ids, logits=self.logits,
                 sigmoid_bias=self.sigmoid_bias, impl=self.attn_impl)
