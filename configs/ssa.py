@@ -6,9 +6,13 @@ GPT-2 small/medium pre-training on nanoGPT token files.
   python train.py --config configs/ssa.py:gpt2_small --workdir /runs/ssa_gpt2 \
       --config.data.path=/data/openwebtext
   python sample.py --config configs/ssa.py:smoke --workdir /tmp/ssa_smoke --prompt "def "
+  python train.py --config configs/ssa.py:variant=long_context,sequence=8,cp=ring \
+      --workdir /runs/ssa_32k --config.data.path=/data/openwebtext
 
 Options (big_vision style, after the colon):
-  variant   smoke | ablation | gpt2_small | gpt2_medium
+  variant   smoke | ablation | gpt2_small | gpt2_medium | long_context
+  sequence  devices on the `sequence` mesh axis (long_context only; default 8)
+  cp        ring | all_to_all: the context-parallel strategy (long_context only; README)
   ssa       on (all three temperatures, weight-shared: the paper's < 0.5% variant)
             | unshared (same, own projections) | position (the official code: position term
             only) | off (vanilla GPT-2). Everything else, the seed included, is identical
@@ -28,6 +32,13 @@ Variants:
               600k steps). The SSA paper's own pre-training hyper-parameters and its separate
               learning rate for beta (Adam, 1e-2, in the official fine-tuning script) are not
               expressible here / [unverified]; beta trains with the global schedule.
+  long_context  gpt2_small (+SSA) with a 32768-token context, where SSA's position term
+              (log n) matters most, trained context-parallel: a `sequence` mesh axis of
+              `sequence` devices splits every sequence (4096 tokens per device at 8), attention
+              runs the `cp` strategy (ring: zigzag-balanced causal ring; all_to_all: 12 heads,
+              so `sequence` must divide 12), and the data axis takes the remaining devices.
+              16 sequences (524,288 tokens) per step; otherwise the gpt2_small recipe, with
+              remat off (activations per device are those of a 4K context).
 """
 from __future__ import annotations
 
@@ -35,7 +46,9 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("smoke", "ablation", "gpt2_small", "gpt2_medium")
+VARIANTS = ("smoke", "ablation", "gpt2_small", "gpt2_medium", "long_context")
+CP_STRATEGIES = ("ring", "all_to_all")
+LONG_CONTEXT = 32768
 SSA_MODES = ("on", "unshared", "position", "off")
 
 _SSA_SWITCHES = {
@@ -53,16 +66,36 @@ _GPT2_VOCAB = 50257
 
 def parse_arg(arg: str | None) -> dict[str, str]:
     return common.parse_arg(arg, file="configs/ssa.py",
-                            defaults={"variant": "smoke", "ssa": "on"},
-                            allowed={"variant": VARIANTS, "ssa": SSA_MODES})
+                            defaults={"variant": "smoke", "ssa": "on", "sequence": "8",
+                                      "cp": "ring"},
+                            allowed={"variant": VARIANTS, "ssa": SSA_MODES,
+                                     "cp": CP_STRATEGIES})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = parse_arg(arg)
     variant = options["variant"]
-    c = _byte_level(variant) if variant in ("smoke", "ablation") else _gpt2(variant)
+    if variant in ("smoke", "ablation"):
+        c = _byte_level(variant)
+    elif variant == "long_context":
+        c = _long_context(options["sequence"], options["cp"])
+    else:
+        c = _gpt2(variant)
     c.model.overrides.update(_SSA_SWITCHES[options["ssa"]])
     return c
+
+
+def _long_context(sequence: str, strategy: str) -> ml_collections.ConfigDict:
+    if not sequence.isdigit() or int(sequence) < 1:
+        raise ValueError(f"configs/ssa.py sequence must be a positive integer (devices on the "
+                         f"sequence axis), got {sequence!r}")
+    c = _gpt2("gpt2_small")
+    c.lm.seq_len = LONG_CONTEXT
+    c.model.overrides.max_seq_len = LONG_CONTEXT
+    c.batch_size = 16
+    c.eval.batch_size = 8
+    c.eval.num_batches = 50
+    return common.with_context_parallelism(c, int(sequence), strategy=strategy)
 
 
 def _byte_level(variant: str) -> ml_collections.ConfigDict:

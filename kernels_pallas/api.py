@@ -193,6 +193,12 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
 
     Returns:
         [B, Tq, H, Dv] in q.dtype. A query row with no valid key returns zeros.
+
+    Inside a mesh (`activation_sharding` or `jax.set_mesh`) the call runs per shard: batch
+    over the data axes, heads over `tensor`. When the rules also split the sequence
+    (`activation_length` -> a `sequence` axis), it runs context-parallel: ring or all-to-all
+    attention (kernels_pallas/context_parallel.py), chosen by `activation_sharding(...,
+    context_parallel=)`.
     """
     args = normalise_arguments(q, k, v, bias, causal=causal, scale=scale, q_lengths=q_lengths,
                       kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
@@ -200,6 +206,7 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
                       impl=impl, block_q=block_q, block_k=block_k)
     (q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids), options = args
     causal_chunk = _causal_chunk(causal_chunk, options["causal"], q.shape[1], k.shape[1])
+    sharding.check_sequence_divides(_CP_QKV_NAMES, q.shape, 1, what="attention")
     split_q = sharding.sequence_split(_CP_QKV_NAMES, q.shape, 1)
     split_k = sharding.sequence_split(_CP_QKV_NAMES, k.shape, 1)
     if split_q is not None or split_k is not None:

@@ -266,6 +266,23 @@ def sequence_split(names: Sequence[str | None], shape: Sequence[int],
     return group, math.prod(sizes[a] for a in group)
 
 
+def check_sequence_divides(names: Sequence[str | None], shape: Sequence[int], dim: int, *,
+                           what: str) -> None:
+    """Raises a `ShardingError` when the rules ask to split dimension `dim` (a sequence) but
+    its size does not divide: the sequence axis would silently repeat the work instead."""
+    mesh, sizes, rules = _active_mesh()
+    if mesh is None:
+        return
+    wanted = resolve_axes(names, shape, sizes, rules, require_divisible=False)[dim]
+    if wanted is None or resolve_axes(names, shape, sizes, rules)[dim] is not None:
+        return
+    size = math.prod(sizes[a] for a in wanted)
+    raise ShardingError(
+            f"{what}: a sequence of {shape[dim]} tokens cannot be split over mesh axes "
+            f"{wanted} of size {size} (rule {names[dim]} -> {wanted}); use a length divisible "
+            f"by {size} (a ViT: pool='gap', no class token), or map {names[dim]} to None")
+
+
 @contextlib.contextmanager
 def groups_in_batch():
     """Within this context, the batch dimension of activations holds a sequence's groups

@@ -46,7 +46,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -10,20 +10,24 @@ mesh and compares them with single-device attention on the same inputs:
   * kernel route (`impl="interpret"`: the Triton kernel per key block, interpreted) on the
     smallest mesh, one combined case per strategy plus sigmoid for the ring;
   * the compiled ring step sends K/V with collective-permutes and never all-gathers them;
+  * the ring with the Mosaic-TPU kernel's key-block pair (interpreted), as a TPU pod runs it;
   * calls a strategy cannot take are clear errors raised while tracing.
 Tolerances: f32 throughout, relative max error 1e-5 (kernels.md's f32 row; merging blocks adds
 one exp/log rounding per ring step).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 import kernels_pallas
-from kernels_pallas import sharding
+from kernels_pallas import context_parallel, flash_tpu, sharding
+from kernels_pallas.reference import attention_reference
 from zoo.training import hlo
 
 B, T, H, D = 2, 32, 8, 8
@@ -182,3 +186,40 @@ def test_cross_attention_with_only_one_side_split_is_a_clear_error():
 
     with pytest.raises(ValueError, match="splits the queries .* and the keys .* differently"):
         jax.jit(forward).lower(q, k, v)
+
+
+def test_ring_with_tpu_kernel_blocks_matches_one_device():
+    """The ring with the Mosaic-TPU kernel's key-block pair (interpreted on CPU): what
+    impl="auto" runs on a TPU pod. Causal zigzag with segment ids over a sequence axis of 2."""
+    mesh = _mesh(1, 2)
+    q, k, v, d_out, _ = _inputs(seed=3)
+    segments = _case_kwargs("packed")["q_segment_ids"]
+    options = dict(causal=True, scale=D ** -0.5, logits="softmax", sigmoid_bias=None,
+                   block_q=None, block_k=None)
+
+    def per_device(q, k, v, seg):
+        return context_parallel.ring_attention(
+                q, k, v, None, None, None, seg, seg, axis="sequence", axis_size=2,
+                load_balance=True,
+                forward=functools.partial(flash_tpu.tpu_attention_forward, interpret=True),
+                backward=functools.partial(flash_tpu.tpu_attention_backward, interpret=True),
+                options=options)
+
+    qkv_spec, seg_spec = P(None, "sequence"), P(None, "sequence")
+    ring = jax.shard_map(per_device, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
+                         out_specs=qkv_spec, check_vma=False)
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out * d_out), out
+
+    def reference(q, k, v):
+        return attention_reference(q, k, v, causal=True, q_segment_ids=segments,
+                                   kv_segment_ids=segments)
+
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2), has_aux=True)
+    (_, got_out), got = jax.jit(grad(lambda *a: loss(lambda *x: ring(*x, segments), *a)))(q, k, v)
+    (_, want_out), want = jax.jit(grad(lambda *a: loss(reference, *a)))(q, k, v)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), (got_out, *got), (want_out, *want)):
+        error = float(jnp.max(jnp.abs(g - w))) / float(jnp.max(jnp.abs(w)))
+        assert error <= RTOL, f"{name}: rel error {error:.2e}"

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from configs import common
+from training_helpers import synthetic_batch, tiny_config
 from kernels_pallas import sharding
 from zoo.training import config as config_lib
 from zoo.training import hlo
@@ -69,7 +70,7 @@ def _tokens() -> np.ndarray:
     return rng.integers(0, 256, size=(BATCH, SEQ_LEN + 1)).astype(np.int32)
 
 
-def _step_gradients(config, devices):
+def _step_gradients(config, devices, batch=None):
     """(loss, gradients, compiled HLO text, kernel calls) of one platform train step."""
     config_lib.validate_config(config, num_devices=len(devices))
     mesh = mesh_lib.make_mesh(config, devices)
@@ -87,7 +88,7 @@ def _step_gradients(config, devices):
     params, _ = skeleton.split(model)
     state = jax.device_put({"model": model, "optimizer": tx.init(params),
                             "step": np.int32(0)}, shardings)
-    batch = jax.device_put({"tokens": _tokens()}, data_sharding)
+    batch = jax.device_put({"tokens": _tokens()} if batch is None else batch, data_sharding)
     with sharding.record_kernel_calls() as calls:
         compiled = step.lower(state, batch).compile()
     new_state, metrics = compiled(state, batch)
@@ -140,6 +141,35 @@ def test_lm_step_with_context_parallelism_equals_one_device(model, sequence, str
     kinds = hlo.counts(hlo.collectives(text))
     if strategy == "ring":
         assert kinds.get("collective-permute", 0) > 0, kinds
+
+
+def _vit_config(sequence: int, pool: str):
+    c = tiny_config(batch_size=BATCH)
+    c.model.overrides.pool = pool
+    c.mesh_shape = (-1, 1, 1) if sequence > 1 else (1, 1, 1)
+    if sequence > 1:
+        common.with_context_parallelism(c, sequence)
+    return c
+
+
+def test_vit_step_with_context_parallelism_equals_one_device():
+    """ViT (average pooling: 16 patch tokens, no class token) splits its tokens over
+    (data 2, sequence 4); non-causal ring attention, no load balancing needed."""
+    batch = synthetic_batch(0, BATCH)
+    ref_loss, ref_grads, _, _ = _step_gradients(_vit_config(1, "gap"), jax.devices()[:1], batch)
+    loss, grads, _, calls = _step_gradients(_vit_config(4, "gap"), jax.devices(), batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=LOSS_RTOL)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                 jax.tree.leaves(ref_grads)):
+        error, scale = float(np.linalg.norm(got - want)), float(np.linalg.norm(want))
+        assert error <= GRAD_RTOL * scale, f"{jax.tree_util.keystr(path)}: {error:.2e}"
+    assert calls and all(c.what == "attention[ring]" for c in calls), calls
+
+
+def test_vit_with_class_token_names_the_sequence_it_cannot_split():
+    with pytest.raises(sharding.ShardingError, match="a sequence of 17 tokens cannot be split "
+                                                     "over mesh axes"):
+        _step_gradients(_vit_config(4, "cls"), jax.devices(), synthetic_batch(0, BATCH))
 
 
 def test_sequence_axis_config_errors():

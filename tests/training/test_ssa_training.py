@@ -41,6 +41,22 @@ def test_config_variants_set_the_switches(arg, expected):
     assert c.model.overrides.max_seq_len >= c.lm.seq_len
 
 
+@pytest.mark.parametrize("arg,sequence,strategy", [("long_context", 8, "ring"),
+                                                   ("variant=long_context,sequence=4,cp=all_to_all",
+                                                    4, "all_to_all")])
+def test_long_context_variant_is_context_parallel(arg, sequence, strategy):
+    from zoo.training import config as config_lib
+    from zoo.training import mesh as mesh_lib
+    c = ssa_configs.get_config(arg)
+    assert c.lm.seq_len == c.model.overrides.max_seq_len == ssa_configs.LONG_CONTEXT
+    sizes = dict(zip(c.mesh_axes, c.mesh_shape))
+    assert sizes["sequence"] == sequence and sizes["data"] == -1
+    assert ("activation_length", "sequence") in c.logical_axis_rules
+    assert c.context_parallel.strategy == strategy
+    assert c.lm.seq_len % mesh_lib.sequence_chunks(c) == 0
+    config_lib.check_schema(c, config_lib._schema(c, importlib.import_module("configs.common")))
+
+
 def test_ablation_arms_differ_only_in_the_ssa_switches():
     on, off = (ssa_configs.get_config(f"variant=ablation,ssa={arm}").to_dict()
                for arm in ("on", "off"))
