@@ -110,8 +110,9 @@ def check_call(strategy: str, *, axis_size: int, seq_q: int, seq_k: int, local_h
             raise ValueError("context-parallel ring attention takes causal_chunk or a bias, "
                              "not both")
         if (seq_q // chunks) % causal_chunk:
-            raise ValueError(f"context parallelism: each device's {seq_q // chunks}-token "
-                             f"chunk must hold whole causal chunks of {causal_chunk}")
+            raise ValueError(f"context parallelism: the ring cuts the sequence into {chunks} "
+                             f"pieces of {seq_q // chunks} tokens, which must hold whole "
+                             f"causal_chunk blocks of {causal_chunk} (FIT: whole groups)")
     if strategy == "all_to_all" and local_heads % axis_size:
         raise ValueError(f"context-parallel strategy 'all_to_all' needs the heads on each "
                          f"device ({local_heads}) divisible by the sequence axis size "
