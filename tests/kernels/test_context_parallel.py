@@ -175,17 +175,34 @@ def test_calls_a_strategy_cannot_take_are_clear_errors(strategy, kwargs, seq, he
         jax.jit(forward).lower(q, k, v)
 
 
-def test_cross_attention_with_only_one_side_split_is_a_clear_error():
+def test_queries_split_with_whole_keys_matches_one_device():
+    """Cross-attention from a split sequence to a short context (FIT's conditioning): each
+    shard attends its queries to all keys, no communication; causal is a clear error."""
     mesh = _mesh(1, 8)
-    q, _, _, _, _ = _inputs()
-    k = v = jnp.ones((B, 12, H, D))
+    q, _, _, d_out, _ = _inputs()
+    k, v = (jax.random.normal(jax.random.key(s), (B, 12, H, D)) for s in (5, 6))
 
-    def forward(q, k, v):
+    def loss(q, k, v):
+        out = kernels_pallas.attention(q, k, v, impl="xla")
+        return jnp.sum(out * d_out)
+
+    def sharded(q, k, v):
         with sharding.activation_sharding(mesh, RULES):
-            return kernels_pallas.attention(q, k, v, impl="xla")
+            return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    with pytest.raises(ValueError, match="splits the queries .* and the keys .* differently"):
-        jax.jit(forward).lower(q, k, v)
+    with sharding.record_kernel_calls() as calls:
+        got = jax.jit(sharded)(q, k, v)
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    assert [c.what for c in calls] == ["attention[split queries]"]
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert float(jnp.max(jnp.abs(g - w))) <= RTOL * float(jnp.max(jnp.abs(w)))
+
+    def causal(q, k, v):
+        with sharding.activation_sharding(mesh, RULES):
+            return kernels_pallas.attention(q, k, v, causal=True, impl="xla")
+
+    with pytest.raises(ValueError, match="supports neither causal=True nor q_lengths"):
+        jax.jit(causal).lower(q, k, v)
 
 
 def test_ring_with_tpu_kernel_blocks_matches_one_device():
