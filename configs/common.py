@@ -77,11 +77,28 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     # No weight decay on 1-D parameters (biases, norm scales) nor on parameters whose path
     # ("blocks/0/attn/qkv/kernel") matches one of these regexes (embeddings, tokens, tables).
     c.optimizer.no_decay = ("pos_emb", "cls_token", "embedding", "rel_pos", "latent")
+    # Parameter groups (zoo/training/optim.py): name -> ConfigDict(pattern=<regex on the
+    # parameter path>, and any of freeze, name, learning_rate, weight_decay, b1, b2, eps,
+    # momentum, nesterov, schedule=dict(name, warmup_steps, end_factor)). First match in name
+    # order wins; unmatched parameters use the fields above.
+    c.optimizer.groups = ml_collections.ConfigDict()
+    # Layer-wise lr decay (BEiT/MAE fine-tuning): block i of L gets lr * layer_decay^(L - i);
+    # 1.0 disables it. Blocks are found by the first regex group of layer_pattern; parameters
+    # matching layer_zero (embeddings) count as layer 0.
+    c.optimizer.layer_decay = 1.0
+    c.optimizer.layer_pattern = r"(?:^|/)blocks/(\d+)/"
+    c.optimizer.layer_zero = r"embed|cls_token|pos_emb|reg_token"
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"  # cosine | linear | constant (all after linear warmup)
     c.schedule.warmup_steps = 10
     c.schedule.end_factor = 0.0  # final lr = end_factor * learning_rate
+
+    # Exponential moving average of the weights (zoo/training/ema.py): 0 = off; timm's usual
+    # 0.9998 (DeiT: 0.99996). warmup ramps the decay as min(decay, (1+t)/(10+t)).
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.0
+    c.ema.warmup = False
 
     # --- precision ---------------------------------------------------------------------------
     c.precision = ml_collections.ConfigDict()

@@ -29,9 +29,11 @@ Variants:
               Recipe: nanoGPT's GPT-2 reproduction (context 1024, 480 sequences = 491,520
               tokens per step, AdamW lr 6e-4 (medium 3e-4), betas (0.9, 0.95), weight decay
               0.1 on all >= 2-D weights, clip 1.0, 2000 warmup steps, cosine to 10% over
-              600k steps). The SSA paper's own pre-training hyper-parameters and its separate
-              learning rate for beta (Adam, 1e-2, in the official fine-tuning script) are not
-              expressible here / [unverified]; beta trains with the global schedule.
+              600k steps). The SSA paper's own pre-training hyper-parameters are
+              [unverified]; beta trains with the global schedule here. A separate optimizer
+              for beta (the official fine-tuning scripts) is expressible with
+              `optimizer.groups` (README), but fine-tuning also needs GPT-2's weights loaded
+              into the run, which the loop does not do yet: no fine-tuning variant is offered.
   long_context  gpt2_small (+SSA) with a 32768-token context, where SSA's position term
               (log n) matters most, trained context-parallel: a `sequence` mesh axis of
               `sequence` devices splits every sequence (4096 tokens per device at 8), attention

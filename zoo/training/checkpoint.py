@@ -145,10 +145,11 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_model_only(directory: str, model_target, step: int | None = None
-                       ) -> tuple[int, Any]:
-    """Reads only the "model" subtree of checkpoint `step` (default: newest) onto
-    `model_target`'s shardings: no optimizer state is read, and any mesh can load it."""
+def restore_model_only(directory: str, model_target, step: int | None = None, *,
+                       subtree: str = "model") -> tuple[int, Any]:
+    """Reads only the "model" subtree (or "ema", the moving average of its variables) of
+    checkpoint `step` (default: newest) onto `model_target`'s shardings: no optimizer state is
+    read, and any mesh can load it."""
     reader = ocp.CheckpointManager(
             os.path.abspath(directory), item_names=(STATE,),
             item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
@@ -162,12 +163,12 @@ def restore_model_only(directory: str, model_target, step: int | None = None
         elif step not in steps:
             raise ValueError(f"--step={step} has no checkpoint in {directory}; available: "
                              f"{steps}")
-        target = {"model": model_target}
+        target = {subtree: model_target}
         restored = reader.restore(step, args=ocp.args.Composite(**{
                 STATE: ocp.args.PyTreeRestore(
                         item=target, partial_restore=True,
                         restore_args=ocp.checkpoint_utils.construct_restore_args(target))}))
-        return step, restored[STATE]["model"]
+        return step, restored[STATE][subtree]
     finally:
         reader.close()
 

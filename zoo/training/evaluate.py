@@ -18,6 +18,7 @@ from jax.sharding import SingleDeviceSharding
 
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import config as config_lib
+from zoo.training import ema as ema_lib
 from zoo.training import mesh as mesh_lib
 from zoo.training import pipeline
 from zoo.training import state as state_lib
@@ -55,6 +56,11 @@ def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
     batches = pipeline.make_eval_iterator(config, task, mesh, data_sharding)
     metrics = step_lib.run_eval(eval_step, model_state, batches, task)
     result = {"step": int(step), **metrics}
+    if ema_lib.enabled(config):  # the run kept an average of the weights: evaluate it too
+        _, ema_state = ckpt_lib.restore_model_only(os.path.join(workdir, "checkpoints"),
+                                                   target, step, subtree="ema")
+        batches = pipeline.make_eval_iterator(config, task, mesh, data_sharding)
+        result["ema"] = step_lib.run_eval(eval_step, ema_state, batches, task)
     with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
         json.dump(result, f)
     return result

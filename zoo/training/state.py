@@ -4,7 +4,9 @@ The state is a plain dict `{"model": ..., "optimizer": ..., "step": ...}`:
   * "model": every variable of the model as a pure nested dict (parameters and non-parameter
     state such as BatchNorm statistics), so eval can restore this subtree alone;
   * "optimizer": the optax state over the trainable parameters only;
-  * "step": int32 count of completed optimizer steps.
+  * "step": int32 count of completed optimizer steps;
+  * "ema" (only with `config.ema.decay` > 0): the moving average of "model"
+    (zoo/training/ema.py), shaped and sharded like it.
 Plain dicts keep the checkpoint layout independent of flax Variable classes and let the same
 tree be an abstract shape, a sharding plan, a restore target or live arrays.
 
@@ -78,14 +80,20 @@ class ModelSkeleton:
         return traverse_util.unflatten_dict(flat)
 
 
-def abstract_train_state(skeleton: ModelSkeleton, tx: optax.GradientTransformation) -> Tree:
+def abstract_train_state(skeleton: ModelSkeleton, tx: optax.GradientTransformation, *,
+                         ema: bool = False) -> Tree:
+    """The train state's shapes; `ema=True` adds "ema", a second copy of "model" holding the
+    moving average of its variables (zoo/training/ema.py)."""
     model = skeleton.abstract_pure()
     params, _ = skeleton.split(model)
-    return {
+    state = {
             "model": model,
             "optimizer": jax.eval_shape(tx.init, params),
             "step": jax.ShapeDtypeStruct((), jnp.int32),
     }
+    if ema:
+        state["ema"] = model
+    return state
 
 
 def train_state_shardings(skeleton: ModelSkeleton, abstract_state: Tree, mesh: Mesh,
@@ -96,7 +104,10 @@ def train_state_shardings(skeleton: ModelSkeleton, abstract_state: Tree, mesh: M
     param_shapes, _ = skeleton.split(jax.tree.map(lambda a: a.shape, abstract_state["model"]))
     optimizer = mesh_lib.shardings_following_params(abstract_state["optimizer"], params,
                                                     param_shapes, mesh)
-    return {"model": model, "optimizer": optimizer, "step": mesh_lib.replicated(mesh)}
+    shardings = {"model": model, "optimizer": optimizer, "step": mesh_lib.replicated(mesh)}
+    if "ema" in abstract_state:
+        shardings["ema"] = model  # sharded exactly like the variables it averages
+    return shardings
 
 
 def with_shardings(abstract: Tree, shardings: Tree) -> Tree:
@@ -112,7 +123,10 @@ def init_train_state(skeleton: ModelSkeleton, tx: optax.GradientTransformation,
     def init():
         model = skeleton.init_pure()
         params, _ = skeleton.split(model)
-        return {"model": model, "optimizer": tx.init(params),
-                "step": jnp.zeros((), jnp.int32)}
+        state = {"model": model, "optimizer": tx.init(params),
+                 "step": jnp.zeros((), jnp.int32)}
+        if "ema" in shardings:
+            state["ema"] = jax.tree.map(jnp.copy, model)
+        return state
 
     return jax.jit(init, out_shardings=shardings)()

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kernels_pallas import sharding
+from zoo.training import ema as ema_lib
 from zoo.training import mesh as mesh_lib
 from zoo.training.state import ModelSkeleton
 from zoo.training.tasks import Task
@@ -102,6 +103,9 @@ def make_train_step(*, config, skeleton: ModelSkeleton, task: Task,
                        param_norm=optax.tree.norm(params))
         new_state = {"model": skeleton.join(params, rest), "optimizer": opt_state,
                      "step": step + 1}
+        if "ema" in state:
+            new_state["ema"] = ema_lib.update(state["ema"], new_state["model"],
+                                              ema_lib.decay_at(config, step))
         return new_state, metrics
 
     return jax.jit(train_step, in_shardings=(state_shardings, data_sharding),

@@ -16,6 +16,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -23,6 +24,7 @@ from jax.experimental import multihost_utils
 from kernels_pallas.sharding import ShardingError
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import config as config_lib
+from zoo.training import ema as ema_lib
 from zoo.training import mesh as mesh_lib
 from zoo.training import optim as optim_lib
 from zoo.training import pipeline, reporting
@@ -48,6 +50,30 @@ def parse_profile_steps(text: str, from_config) -> tuple[int, int] | None:
     if not 1 <= first <= last:
         raise ConfigError(f"--profile_steps={text!r} is invalid; allowed: 1 <= first <= last")
     return first, last
+
+
+def _restore(checkpointer, state_target, train_iter, state_shardings):
+    """`checkpointer.restore_latest`, plus EMA switched on in a run whose checkpoints have
+    none: the model is restored and the average starts from it (nothing is moved or lost
+    when the first attempt fails: restore_latest only quarantines when an older step reads)."""
+    try:
+        return checkpointer.restore_latest(state_target, train_iter)
+    except RuntimeError:
+        if "ema" not in state_target:
+            raise
+        without = {k: v for k, v in state_target.items() if k != "ema"}
+        try:
+            restored = checkpointer.restore_latest(without, train_iter)
+        except RuntimeError:
+            restored = None  # not the EMA's fault: report the original error
+        if restored is None:
+            raise
+        step, state = restored
+        logging.warning("checkpoint at step %d has no EMA weights (config.ema was off); the "
+                        "average starts from the restored model", step)
+        ema = jax.jit(lambda model: jax.tree.map(jnp.copy, model),
+                      out_shardings=state_shardings["ema"])(state["model"])
+        return step, {**state, "ema": ema}
 
 
 def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] | None) -> None:
@@ -90,7 +116,8 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
     # ------------------------------------------------------------------------------------------
     # Train state: abstract shapes -> shardings from the logical axis rules.
     # ------------------------------------------------------------------------------------------
-    abstract_state = state_lib.abstract_train_state(skeleton, tx)
+    abstract_state = state_lib.abstract_train_state(skeleton, tx,
+                                                    ema=ema_lib.enabled(config))
     state_shardings = state_lib.train_state_shardings(skeleton, abstract_state, mesh,
                                                       config.logical_axis_rules)
     state_target = state_lib.with_shardings(abstract_state, state_shardings)
@@ -127,7 +154,7 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          keep=config.keep_checkpoints,
                                          async_save=config.async_checkpointing)
-    restored = checkpointer.restore_latest(state_target, train_iter)
+    restored = _restore(checkpointer, state_target, train_iter, state_shardings)
     if restored is not None:
         start_step, train_state = restored
         logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
@@ -152,6 +179,13 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
         metrics = step_lib.run_eval(eval_step, train_state["model"], batches, task)
         writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
         logging.info("eval at step %d: %s", step, json.dumps(metrics))
+        if "ema" in train_state:  # the averaged weights, on the same batches
+            batches = pipeline.make_eval_iterator(config, task, mesh, data_sharding)
+            ema_metrics = step_lib.run_eval(eval_step, train_state["ema"], batches, task)
+            writer.write(step, {f"eval_ema/{k}": v for k, v in ema_metrics.items()})
+            logging.info("eval of the EMA weights at step %d: %s", step,
+                         json.dumps(ema_metrics))
+            metrics = {**metrics, "ema": ema_metrics}
         return metrics
 
     # ------------------------------------------------------------------------------------------
