@@ -35,6 +35,15 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     # adds the task's own subtree.
     c.task = task
     c.label_smoothing = 0.0  # classification training loss only; eval reports plain CE
+    # Mixup / CutMix on training batches (classification; zoo/training/mixup.py, timm's
+    # semantics). Both alphas 0 = off; DeiT/Swin: mixup_alpha 0.8, cutmix_alpha 1.0.
+    c.mixup = ml_collections.ConfigDict()
+    c.mixup.mixup_alpha = 0.0
+    c.mixup.cutmix_alpha = 0.0
+    c.mixup.cutmix_minmax = ()  # () or (min, max) box side fractions (overrides cutmix_alpha)
+    c.mixup.prob = 1.0  # probability of mixing a batch (or pair/element)
+    c.mixup.switch_prob = 0.5  # probability of CutMix when both are on
+    c.mixup.mode = "batch"  # batch | pair | elem
 
     # --- data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.training import image_ops
+from zoo.training import image_ops, mixup
 from zoo.training import sources as image_sources
 from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
@@ -104,22 +104,26 @@ class ImageData:
         return {"image": ((side, side, 3), np.float32), "label": ((), np.int32)}
 
 
+def _soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example cross-entropy against soft targets [B, C], in float32 (bf16 log-softmax
+    destabilises training)."""
+    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+
+
 def _cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                    label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example cross-entropy in float32 (bf16 log-softmax destabilises training)."""
-    logits = logits.astype(jnp.float32)
-    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    if label_smoothing:
-        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+    """Per-example (label-smoothed) cross-entropy of integer labels."""
+    return _soft_cross_entropy(logits, mixup.smooth_one_hot(labels, num_classes,
+                                                            label_smoothing))
 
 
 @register_task("classification")
 class ClassificationTask(ImageData, Task):
     """Image classification: {"image": f32 [B,S,S,3], "label": int32 [B]} -> logits [B,C].
 
-    Training loss is label-smoothed cross-entropy (config.label_smoothing); eval reports the
-    plain cross-entropy, top-1 and top-5 accuracy.
+    Training loss is label-smoothed cross-entropy (config.label_smoothing), on Mixup/CutMix
+    batches and soft targets when config.mixup enables them (zoo/training/mixup.py); eval
+    reports the plain cross-entropy, top-1 and top-5 accuracy.
     """
 
     def __init__(self, config):
@@ -128,6 +132,7 @@ class ClassificationTask(ImageData, Task):
         self.image_size = int(config.data.image_size)
         self.label_smoothing = float(config.label_smoothing)
         self.top_k = min(5, self.num_classes)
+        self.mixup = config.mixup if mixup.enabled(config.mixup) else None
 
     def check_config(self, config) -> None:
         overrides = config.model.overrides
@@ -149,9 +154,17 @@ class ClassificationTask(ImageData, Task):
         return {"image": jax.ShapeDtypeStruct((batch_size, side, side, 3), jnp.float32)}
 
     def loss_and_metrics(self, model, batch, rngs, train):
-        logits = model(batch["image"], train=train, rngs=rngs)
-        labels = batch["label"]
-        loss = jnp.mean(_cross_entropy(logits, labels, self.num_classes, self.label_smoothing))
+        images, labels = batch["image"], batch["label"]
+        if train and self.mixup is not None:
+            # Mixup/CutMix on the global batch, keyed by (seed, step, micro-batch).
+            images, targets, _ = mixup.mix_batch(self.mixup, rngs.sample(), images, labels,
+                                                 self.num_classes, self.label_smoothing)
+        else:
+            targets = mixup.smooth_one_hot(labels, self.num_classes,
+                                           self.label_smoothing if train else 0.0)
+        logits = model(images, train=train, rngs=rngs)
+        loss = jnp.mean(_soft_cross_entropy(logits, targets))
+        # With mixup, accuracy counts the dominant (unmixed) label's class.
         accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
         return loss, {"accuracy": accuracy}
 
