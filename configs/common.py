@@ -60,6 +60,14 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     c.data.num_train_examples = 2048  # generated source only
     c.data.num_eval_examples = 512  # generated source only
     c.data.augment = "flip"  # none | flip | crop_flip (random-resized-crop + flip)
+    # timm RandAugment string ("rand-m9-mstd0.5-inc1": DeiT/Swin), "" = off; after crop/flip.
+    c.data.rand_augment = ""
+    # timm random erasing after normalisation (DeiT/Swin: prob 0.25, mode "pixel", count 1).
+    c.data.random_erasing = ml_collections.ConfigDict()
+    c.data.random_erasing.prob = 0.0
+    c.data.random_erasing.mode = "pixel"  # pixel | rand | const
+    c.data.random_erasing.min_count = 1
+    c.data.random_erasing.max_count = 1
     c.data.worker_count = 0  # grain worker processes (0 = in the main process)
     c.data.worker_buffer_size = 2
     c.data.shuffle = True

@@ -208,13 +208,18 @@ def test_global_order_covers_every_example_once_per_epoch(num_examples):
         assert first != second  # reshuffled every epoch
 
 
-@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+# Every host-side augmentation on: crop/flip, RandAugment, random erasing (timm's ImageNet set).
+ALL_AUGMENTATION = {"data.augment": "crop_flip", "data.rand_augment": "rand-m9-mstd0.5-inc1",
+                    "data.random_erasing.prob": 0.5}
+
+
+@pytest.mark.parametrize("augment", ["none", "crop_flip", "all"])
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_processes_split_the_same_global_batches_as_one_process(process_count, augment):
     """Data order does not depend on the host count: the rows each process loads, stacked in
     process order, are the single-process global batch (augmentation included), across an
     epoch boundary (24 examples = 3 batches of 8; 5 batches read)."""
-    config = _config(**{"data.augment": augment})
+    config = _config(**(ALL_AUGMENTATION if augment == "all" else {"data.augment": augment}))
     single = _take(_iterator(config), 5)
     shares = [_take(_iterator(config, p, process_count), 5)
               for p in range(process_count)]
@@ -240,7 +245,7 @@ def test_train_pipeline_on_two_simulated_processes_reads_the_set_once_per_epoch(
 
 
 def test_resume_continues_with_identical_batches():
-    config = _config(**{"data.augment": "crop_flip"})
+    config = _config(**ALL_AUGMENTATION)
     iterator = _iterator(config)
     _take(iterator, 5)  # beyond one epoch (3 batches): resume crosses an epoch boundary
     state = json.loads(json.dumps(iterator.get_state()))  # what the checkpoint stores

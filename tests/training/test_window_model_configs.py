@@ -9,6 +9,7 @@ import os
 import pytest
 
 from training_helpers import apply_changes
+from zoo.training import classification, mixup
 from zoo.training import config as config_lib, optim
 from zoo.training import trainer
 
@@ -31,6 +32,14 @@ def test_variants_validate(file, arg):
         optim.validate_optimizer_config(c)
     if arg != "smoke":
         assert c.model.overrides.image_size == 224 and c.label_smoothing == 0.1
+        # The official Swin config's augmentation (AUG.*), checked field by field.
+        assert c.data.augment == "crop_flip"
+        assert c.data.rand_augment == "rand-m9-mstd0.5-inc1"
+        assert (c.data.random_erasing.prob, c.data.random_erasing.mode) == (0.25, "pixel")
+        assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.mixup.switch_prob,
+                c.mixup.mode) == (0.8, 1.0, 0.5, "batch")
+        mixup.validate(c)
+        classification.ImageData().check_data(c)
 
 
 def test_bad_variant_names_the_file():

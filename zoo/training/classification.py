@@ -15,12 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zoo.training import augment as augment_lib
 from zoo.training import image_ops, mixup
 from zoo.training import sources as image_sources
 from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
 
 AUGMENTS = ("none", "flip", "crop_flip")
+# timm's fill for geometric RandAugment ops: the ImageNet mean in [0, 255], rounded.
+AUGMENT_FILL = tuple(int(round(float(x))) for x in image_ops.IMAGENET_MEAN)
 # Eval (and un-cropped train) images: the centre square covering this fraction of the shorter
 # side, resized to image_size (the usual "resize to S/0.875, centre-crop S").
 CENTER_CROP_FRACTION = 0.875
@@ -31,7 +34,8 @@ class ClassificationExample:
     """raw {"image", "label"} -> {"image": float32 [S, S, 3] normalised, "label": int32}.
 
     Train (an RNG given): "crop_flip" takes a random-resized crop, "flip" and "crop_flip" mirror
-    half the images. Otherwise the centre square covering `center_fraction` of the shorter side
+    half the images, then RandAugment and (after normalisation) random erasing run when
+    configured (zoo/training/augment.py, timm's order). Otherwise the centre square covering `center_fraction` of the shorter side
     is resized to S (identity for generated images, which are already S x S).
     Picklable: it is shipped to grain's worker processes.
     """
@@ -39,6 +43,8 @@ class ClassificationExample:
     num_classes: int
     augment: str
     center_fraction: float
+    rand_augment: augment_lib.RandAugmentSpec | None = None
+    erasing: tuple = ()  # (prob, mode, min_count, max_count) of random erasing, or ()
 
     def __call__(self, raw: Mapping[str, Any], rng: np.random.Generator | None
                  ) -> dict[str, np.ndarray]:
@@ -68,7 +74,15 @@ class ClassificationExample:
             pixels = np.asarray(image.resize((side, side), Image.BILINEAR, box=box))
         if rng is not None and self.augment in ("flip", "crop_flip") and rng.random() < 0.5:
             pixels = pixels[:, ::-1]
+        if rng is not None and self.rand_augment is not None:
+            augmented = augment_lib.rand_augment(Image.fromarray(np.ascontiguousarray(pixels)),
+                                                 self.rand_augment, rng, AUGMENT_FILL)
+            pixels = np.asarray(augmented)
         normalised = image_ops.normalise(pixels)
+        if rng is not None and self.erasing:
+            prob, mode, min_count, max_count = self.erasing
+            normalised = augment_lib.random_erase(normalised, rng, prob=prob, mode=mode,
+                                                  min_count=min_count, max_count=max_count)
         return {"image": normalised, "label": np.int32(label)}
 
 
@@ -88,16 +102,35 @@ class ImageData:
         if d.num_classes < 1:
             raise ValueError(f"config.data.num_classes={d.num_classes!r} is invalid; allowed: "
                              f"an integer >= 1")
+        if d.rand_augment:
+            augment_lib.parse_rand_augment(d.rand_augment)
+        e = d.random_erasing
+        if not 0.0 <= e.prob <= 1.0:
+            raise ValueError(f"config.data.random_erasing.prob={e.prob!r} is invalid; allowed: "
+                             f"a probability in [0, 1]")
+        if e.mode not in augment_lib.ERASING_MODES:
+            raise ValueError(f"config.data.random_erasing.mode={e.mode!r} is invalid; allowed: "
+                             f"one of {augment_lib.ERASING_MODES}")
+        if not 1 <= e.min_count <= e.max_count:
+            raise ValueError(f"config.data.random_erasing: min_count={e.min_count!r} and "
+                             f"max_count={e.max_count!r} must satisfy 1 <= min_count <= "
+                             f"max_count")
 
     def open_split(self, config, split: str):
         return image_sources.open_source(config, split)
 
     def make_preparer(self, config) -> ClassificationExample:
         generated = config.data.source == "generated"
-        return ClassificationExample(image_size=int(config.data.image_size),
-                                     num_classes=int(config.data.num_classes),
-                                     augment=str(config.data.augment),
-                                     center_fraction=1.0 if generated else CENTER_CROP_FRACTION)
+        d = config.data
+        erasing = d.random_erasing
+        return ClassificationExample(
+                image_size=int(d.image_size), num_classes=int(d.num_classes),
+                augment=str(d.augment),
+                center_fraction=1.0 if generated else CENTER_CROP_FRACTION,
+                rand_augment=(augment_lib.parse_rand_augment(d.rand_augment)
+                              if d.rand_augment else None),
+                erasing=((float(erasing.prob), str(erasing.mode), int(erasing.min_count),
+                          int(erasing.max_count)) if erasing.prob > 0 else ()))
 
     def example_spec(self, config) -> dict[str, tuple[tuple[int, ...], Any]]:
         side = int(config.data.image_size)

@@ -1,0 +1,111 @@
+"""Host-side augmentation (zoo/training/augment.py) against timm's definitions: the RandAugment
+string grammar, each op's level at a magnitude, the ops' geometry, the draw probabilities, and
+random erasing's areas and probability."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zoo.training import augment
+
+
+def test_parse_timm_strings():
+    spec = augment.parse_rand_augment("rand-m9-mstd0.5-inc1")
+    assert (spec.magnitude, spec.magnitude_std, spec.num_layers, spec.prob) == (9, 0.5, 2, 0.5)
+    assert spec.ops == augment.INCREASING_OPS and len(spec.ops) == 15
+    spec = augment.parse_rand_augment("rand-m7-n3-p0.8-mstdinf-mmax12")
+    assert (spec.magnitude, spec.num_layers, spec.prob, spec.magnitude_max) == (7, 3, 0.8, 12)
+    assert spec.magnitude_std == float("inf") and not spec.increasing
+    for bad, message in (("augmix-m5", "a timm RandAugment string"),
+                         ("rand-m9-x3", "unknown part 'x3'"), ("rand-n0", "n must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            augment.parse_rand_augment(bad)
+
+
+@pytest.mark.parametrize("name,negate,expected", [
+        ("Rotate", False, 27.0), ("Rotate", True, -27.0), ("ShearX", True, -0.27),
+        ("TranslateXRel", False, 0.405), ("Color", False, 1.72),
+        ("ColorIncreasing", False, 1.81), ("ContrastIncreasing", True, 0.19),
+        ("Posterize", False, 3), ("PosterizeIncreasing", False, 1), ("Solarize", False, 230),
+        ("SolarizeIncreasing", False, 26), ("SolarizeAdd", False, 99), ("Equalize", False, 0),
+])
+def test_levels_at_magnitude_9_follow_timm(name, negate, expected):
+    assert augment.op_level(name, 9.0, negate) == pytest.approx(expected)
+
+
+def _pattern(side=8):
+    pixels = np.zeros((side, side, 3), np.uint8)
+    pixels[:, :, 0] = np.arange(side)[None, :] * 30
+    pixels[:, :, 1] = np.arange(side)[:, None] * 30
+    return Image.fromarray(pixels)
+
+
+def test_geometric_ops_move_pixels_as_pil_affine_and_fill_with_the_mean():
+    image, fill = _pattern(), (124, 116, 104)
+    out = np.asarray(augment.apply_op(image, "TranslateXRel", 0.25, fill=fill,
+                                      resample=Image.BILINEAR))
+    src = np.asarray(image)
+    np.testing.assert_array_equal(out[:, :6], src[:, 2:])  # content moves left by 2 pixels
+    assert (out[:, 6:] == fill).all()
+    out = np.asarray(augment.apply_op(image, "TranslateYRel", -0.25, fill=fill,
+                                      resample=Image.BILINEAR))
+    np.testing.assert_array_equal(out[2:], src[:6])
+    rotated = np.asarray(augment.apply_op(image, "Rotate", 90.0, fill=fill,
+                                          resample=Image.BILINEAR))
+    np.testing.assert_array_equal(rotated, np.rot90(src))
+
+
+def test_pixel_ops():
+    image = _pattern()
+    src = np.asarray(image).astype(int)
+    kwargs = dict(fill=(0, 0, 0), resample=Image.BILINEAR)
+    np.testing.assert_array_equal(np.asarray(augment.apply_op(image, "Invert", 0, **kwargs)),
+                                  255 - src)
+    solar = np.asarray(augment.apply_op(image, "SolarizeAdd", 99, **kwargs)).astype(int)
+    np.testing.assert_array_equal(solar, np.where(src < 128, np.minimum(255, src + 99), src))
+    np.testing.assert_array_equal(
+            np.asarray(augment.apply_op(image, "PosterizeIncreasing", 0, **kwargs)), 0)
+    np.testing.assert_array_equal(
+            np.asarray(augment.apply_op(image, "Posterize", 2, **kwargs)), src & 0b11000000)
+
+
+def test_rand_augment_draws_ops_uniformly_with_probability_p_and_noisy_magnitude(monkeypatch):
+    calls = []
+    monkeypatch.setattr(augment, "apply_op",
+                        lambda image, name, level, **kw: calls.append((name, level)) or image)
+    spec = augment.parse_rand_augment("rand-m9-mstd0.5-inc1")
+    rng = np.random.default_rng(0)
+    image = _pattern()
+    trials = 6000
+    for _ in range(trials):
+        augment.rand_augment(image, spec, rng, (0, 0, 0))
+    assert abs(len(calls) / (2 * trials) - 0.5) < 0.02  # each of the 2 ops applied w.p. 0.5
+    counts = collections.Counter(name for name, _ in calls)
+    assert set(counts) == set(augment.INCREASING_OPS)
+    assert max(abs(c / len(calls) - 1 / 15) for c in counts.values()) < 0.015
+    rotations = np.array([level for name, level in calls if name == "Rotate"])
+    magnitudes = np.abs(rotations) / 3.0
+    assert abs((rotations > 0).mean() - 0.5) < 0.06
+    assert abs(magnitudes.mean() - 9.0) < 0.1 and abs(magnitudes.std() - 0.5) < 0.1
+    assert magnitudes.max() <= 10.0
+
+
+def test_random_erasing_probability_and_area():
+    rng = np.random.default_rng(1)
+    pixels = np.full((32, 32, 3), 7.0, np.float32)
+    erased_fraction = []
+    for _ in range(2000):
+        out = augment.random_erase(pixels, rng, prob=0.25, mode="pixel", min_count=1,
+                                   max_count=1)
+        erased_fraction.append(np.mean(np.any(out != 7.0, axis=-1)))
+    erased_fraction = np.array(erased_fraction)
+    hit = erased_fraction > 0
+    assert abs(hit.mean() - 0.25) < 0.03
+    # One rectangle of 2% to 1/3 of the area (rounding of its sides aside).
+    assert erased_fraction[hit].min() > 0.01 and erased_fraction[hit].max() < 0.4
+    out = augment.random_erase(pixels, np.random.default_rng(2), prob=1.0, mode="const",
+                               min_count=2, max_count=2)
+    assert (out == 0).any() and set(np.unique(out)) <= {0.0, 7.0}
