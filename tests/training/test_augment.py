@@ -4,6 +4,7 @@ random erasing's areas and probability."""
 from __future__ import annotations
 
 import collections
+import pathlib
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ def test_parse_timm_strings():
     spec = augment.parse_rand_augment("rand-m7-n3-p0.8-mstdinf-mmax12")
     assert (spec.magnitude, spec.num_layers, spec.prob, spec.magnitude_max) == (7, 3, 0.8, 12)
     assert spec.magnitude_std == float("inf") and not spec.increasing
+    assert augment.parse_rand_augment("rand-mstd101").magnitude_std == float("inf")
     for bad, message in (("augmix-m5", "a timm RandAugment string"),
                          ("rand-m9-x3", "unknown part 'x3'"), ("rand-n0", "n must be >= 1")):
         with pytest.raises(ValueError, match=message):
@@ -109,3 +111,42 @@ def test_random_erasing_probability_and_area():
     out = augment.random_erase(pixels, np.random.default_rng(2), prob=1.0, mode="const",
                                min_count=2, max_count=2)
     assert (out == 0).any() and set(np.unique(out)) <= {0.0, 7.0}
+
+
+FIXTURE = np.load(pathlib.Path(__file__).resolve().parents[1] / "fixtures/timm_augment.npz")
+FIXTURE_OPS = sorted({key.split("/")[1] for key in FIXTURE.files if key.startswith("op/")})
+
+
+def test_fixture_covers_both_timm_op_lists():
+    assert set(FIXTURE_OPS) == set(augment.ORIGINAL_OPS) | set(augment.INCREASING_OPS)
+
+
+@pytest.mark.parametrize("name", FIXTURE_OPS)
+def test_ops_and_levels_equal_timm(name):
+    """Each op at magnitude 9 (both signs; bilinear and bicubic for geometric ops) equals the
+    image timm produced (tools/make_augment_fixture.py; same Pillow major version), and the
+    level at magnitudes 0, 3.3, 9 and 10 equals timm's level function."""
+    image = Image.fromarray(FIXTURE["image"])
+    for negate in (False, True):
+        for magnitude in (0.0, 3.3, 9.0, 10.0):
+            want = float(FIXTURE[f"level/{name}/{magnitude}/{int(negate)}"])
+            assert augment.op_level(name, magnitude, negate) == pytest.approx(want), magnitude
+        for label, resample in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+            key = f"op/{name}/{int(negate)}/{label}"
+            if key not in FIXTURE.files:
+                continue
+            got = augment.apply_op(image, name, augment.op_level(name, 9.0, negate),
+                                   fill=(124, 116, 104), resample=resample)
+            np.testing.assert_array_equal(np.asarray(got), FIXTURE[key], err_msg=key)
+
+
+def test_mixup_targets_equal_timm():
+    import jax.numpy as jnp
+
+    from zoo.training import mixup
+
+    labels = jnp.arange(8) % 5
+    for lam in (1.0, 0.3):
+        one = mixup.smooth_one_hot(labels, 5, 0.1)
+        ours = lam * one + (1 - lam) * one[::-1]
+        np.testing.assert_allclose(ours, FIXTURE[f"mixup_target/{lam}"], rtol=1e-6, atol=1e-7)

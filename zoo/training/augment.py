@@ -15,6 +15,9 @@ clipped to [0, 10] (`mmax` changes the top). Geometric ops fill with the dataset
 (`img_mean`) and resample bilinear or bicubic at random (timm's "random" train
 interpolation); translations move by up to 45% of the side.
 
+One deliberate difference: PosterizeIncreasing at magnitude 10 keeps 0 bits, which Pillow >= 10
+rejects (timm 1.0.31 then raises); here it gives the all-zero image older Pillow gave.
+
 Random erasing (timm `RandomErasing`, after normalisation): with probability `prob`, `count`
 rectangles of 2%-33% of the area (aspect 0.3-3.3, log-uniform) are replaced by per-pixel normal
 noise (mode "pixel"), per-channel noise ("rand") or zeros ("const"); 10 tries each.
@@ -71,6 +74,8 @@ def parse_rand_augment(text: str) -> RandAugmentSpec:
             magnitude=fields.get("m", 10.0), num_layers=int(fields.get("n", 2)),
             prob=fields.get("p", 0.5), magnitude_std=fields.get("mstd", 0.0),
             magnitude_max=fields.get("mmax", LEVEL_DENOM), increasing=bool(fields.get("inc", 0)))
+    if spec.magnitude_std > 100:  # timm: mstd above 100 means uniform sampling in [0, m]
+        spec = dataclasses.replace(spec, magnitude_std=math.inf)
     if spec.num_layers < 1 or not 0.0 <= spec.prob <= 1.0 or spec.magnitude < 0:
         raise ValueError(f"config.data.rand_augment={text!r}: n must be >= 1, p in [0, 1], m "
                          f">= 0")
