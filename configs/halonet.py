@@ -22,8 +22,9 @@ ImageNet-1k training from scratch. What we could NOT check in the paper text (it
 appendix was not available to us) and therefore set to standard ResNet-style values, marked
 [unverified] below: SGD with Nesterov momentum 0.9, 350 epochs, batch 4096, learning rate
 0.1 * batch / 256 with 5 warmup epochs and cosine decay to 0, weight decay 4e-5 (on weights
-only), label smoothing 0.1 and stochastic depth. Not expressible in the config schema
-(configs/common.py) and therefore not applied: RandAugment, EMA of weights.
+only), label smoothing 0.1 and stochastic depth. RandAugment and an EMA of the weights are
+expressible now (`data.rand_augment`, `ema.decay`), but their settings for HaloNet are not in
+the text we have, so they are left off rather than guessed.
 """
 from __future__ import annotations
 
