@@ -62,6 +62,8 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     c.data.augment = "flip"  # none | flip | crop_flip (random-resized-crop + flip)
     # timm RandAugment string ("rand-m9-mstd0.5-inc1": DeiT/Swin), "" = off; after crop/flip.
     c.data.rand_augment = ""
+    # torchvision ColorJitter(s, s, s) after crop/flip (timm's default 0.4 without RandAugment).
+    c.data.color_jitter = 0.0
     # timm random erasing after normalisation (DeiT/Swin: prob 0.25, mode "pixel", count 1).
     c.data.random_erasing = ml_collections.ConfigDict()
     c.data.random_erasing.prob = 0.0

@@ -150,3 +150,29 @@ def test_mixup_targets_equal_timm():
         one = mixup.smooth_one_hot(labels, 5, 0.1)
         ours = lam * one + (1 - lam) * one[::-1]
         np.testing.assert_allclose(ours, FIXTURE[f"mixup_target/{lam}"], rtol=1e-6, atol=1e-7)
+
+
+def test_color_jitter_factors_and_order():
+    """Each of brightness, contrast, saturation once, factors in [1 - s, 1 + s]: on a grey
+    image only brightness changes pixels, so its factor is read back from the mean."""
+    grey = Image.fromarray(np.full((4, 4, 3), 100, np.uint8))
+    rng = np.random.default_rng(3)
+    means = [np.asarray(augment.color_jitter(grey, 0.4, rng)).mean() / 100 for _ in range(500)]
+    assert 0.6 - 0.02 <= min(means) and max(means) <= 1.4 + 0.02
+    assert abs(np.mean(means) - 1.0) < 0.03 and np.std(means) > 0.15
+
+
+@pytest.mark.parametrize("changes,message", [
+        ({"data.color_jitter": 0.4, "data.rand_augment": "rand-m9-mstd0.5-inc1"},
+         "timm drops colour jitter under RandAugment"),
+        ({"data.rand_augment": "rand-m9-q1"}, "unknown part 'q1'"),
+        ({"data.random_erasing.mode": "blur"}, "config.data.random_erasing.mode='blur'"),
+        ({"data.random_erasing.prob": 2.0}, "config.data.random_erasing.prob=2.0"),
+])
+def test_bad_augmentation_settings_are_config_errors(changes, message):
+    from training_helpers import tiny_config
+    from zoo.training.config import validate_config
+    from zoo.training.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        validate_config(tiny_config(**changes), num_devices=8)

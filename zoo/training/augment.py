@@ -1,4 +1,5 @@
-"""Host-side image augmentation with timm's semantics: RandAugment and random erasing.
+"""Host-side image augmentation with timm's semantics: RandAugment, colour jitter and random
+erasing.
 
 Both run in the grain workers, inside `ClassificationExample`, with the example's own
 `np.random.Generator` (seeded by (seed, epoch, example index)), so a resumed run and any number
@@ -14,6 +15,11 @@ magnitude `m` (of 10) plus Gaussian noise of std `mstd` (`mstd` inf: uniform in 
 clipped to [0, 10] (`mmax` changes the top). Geometric ops fill with the dataset mean
 (`img_mean`) and resample bilinear or bicubic at random (timm's "random" train
 interpolation); translations move by up to 45% of the side.
+
+Colour jitter (`color_jitter=s`, torchvision's ColorJitter(s, s, s) as timm builds it): brightness,
+contrast and saturation factors uniform in [max(0, 1 - s), 1 + s], applied in random order
+(ImageEnhance Brightness / Contrast / Color, torchvision's PIL path). timm skips it when
+RandAugment is on; the config rejects that combination instead of ignoring a field.
 
 One deliberate difference: PosterizeIncreasing at magnitude 10 keeps 0 bits, which Pillow >= 10
 rejects (timm 1.0.31 then raises); here it gives the all-zero image older Pillow gave.
@@ -178,6 +184,17 @@ def rand_augment(image, spec: RandAugmentSpec, rng: np.random.Generator, fill):
         resample = Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC
         image = apply_op(image, str(name), op_level(str(name), magnitude, negate), fill=fill,
                          resample=resample)
+    return image
+
+
+def color_jitter(image, strength: float, rng: np.random.Generator):
+    """torchvision ColorJitter(strength, strength, strength) on a PIL image."""
+    from PIL import ImageEnhance
+
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    factors = rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength, size=3)
+    for index in rng.permutation(3):
+        image = enhancers[index](image).enhance(float(factors[index]))
     return image
 
 

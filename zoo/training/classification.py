@@ -44,6 +44,7 @@ class ClassificationExample:
     augment: str
     center_fraction: float
     rand_augment: augment_lib.RandAugmentSpec | None = None
+    color_jitter: float = 0.0
     erasing: tuple = ()  # (prob, mode, min_count, max_count) of random erasing, or ()
 
     def __call__(self, raw: Mapping[str, Any], rng: np.random.Generator | None
@@ -78,6 +79,10 @@ class ClassificationExample:
             augmented = augment_lib.rand_augment(Image.fromarray(np.ascontiguousarray(pixels)),
                                                  self.rand_augment, rng, AUGMENT_FILL)
             pixels = np.asarray(augmented)
+        elif rng is not None and self.color_jitter > 0:
+            jittered = augment_lib.color_jitter(Image.fromarray(np.ascontiguousarray(pixels)),
+                                                self.color_jitter, rng)
+            pixels = np.asarray(jittered)
         normalised = image_ops.normalise(pixels)
         if rng is not None and self.erasing:
             prob, mode, min_count, max_count = self.erasing
@@ -104,6 +109,13 @@ class ImageData:
                              f"an integer >= 1")
         if d.rand_augment:
             augment_lib.parse_rand_augment(d.rand_augment)
+        if not 0.0 <= d.color_jitter <= 1.0:
+            raise ValueError(f"config.data.color_jitter={d.color_jitter!r} is invalid; "
+                             f"allowed: a strength in [0, 1] (0 = off)")
+        if d.color_jitter > 0 and d.rand_augment:
+            raise ValueError(f"config.data.color_jitter={d.color_jitter!r} with "
+                             f"data.rand_augment={d.rand_augment!r}: timm drops colour jitter "
+                             f"under RandAugment; set color_jitter=0.0")
         e = d.random_erasing
         if not 0.0 <= e.prob <= 1.0:
             raise ValueError(f"config.data.random_erasing.prob={e.prob!r} is invalid; allowed: "
@@ -129,6 +141,7 @@ class ImageData:
                 center_fraction=1.0 if generated else CENTER_CROP_FRACTION,
                 rand_augment=(augment_lib.parse_rand_augment(d.rand_augment)
                               if d.rand_augment else None),
+                color_jitter=float(d.color_jitter),
                 erasing=((float(erasing.prob), str(erasing.mode), int(erasing.min_count),
                           int(erasing.max_count)) if erasing.prob > 0 else ()))
 
