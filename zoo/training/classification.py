@@ -68,21 +68,27 @@ class ClassificationExample:
             box = image_ops.random_resized_box(height, width, rng)
         else:
             box = image_ops.center_box(height, width, self.center_fraction)
-        if box == (0, 0, side, side) and (height, width) == (side, side):
-            pixels = array if array is not None else np.asarray(image)
+        # The image stays a PIL image through resize, flip and colour ops and becomes an array
+        # once (a contiguous one, which normalises faster than a flipped view).
+        pil = image
+        if box != (0, 0, side, side) or (height, width) != (side, side):
+            pil = (image if image is not None else Image.fromarray(array)).resize(
+                    (side, side), Image.BILINEAR, box=box)
+        flip = (rng is not None and self.augment in ("flip", "crop_flip")
+                and rng.random() < 0.5)
+        recolour = rng is not None and (self.rand_augment is not None or self.color_jitter > 0)
+        if pil is None and recolour:
+            pil = Image.fromarray(array)
+        if pil is None:  # an array already at the output size
+            pixels = array[:, ::-1] if flip else array
         else:
-            image = image if image is not None else Image.fromarray(array)
-            pixels = np.asarray(image.resize((side, side), Image.BILINEAR, box=box))
-        if rng is not None and self.augment in ("flip", "crop_flip") and rng.random() < 0.5:
-            pixels = pixels[:, ::-1]
-        if rng is not None and self.rand_augment is not None:
-            augmented = augment_lib.rand_augment(Image.fromarray(np.ascontiguousarray(pixels)),
-                                                 self.rand_augment, rng, AUGMENT_FILL)
-            pixels = np.asarray(augmented)
-        elif rng is not None and self.color_jitter > 0:
-            jittered = augment_lib.color_jitter(Image.fromarray(np.ascontiguousarray(pixels)),
-                                                self.color_jitter, rng)
-            pixels = np.asarray(jittered)
+            if flip:
+                pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if rng is not None and self.rand_augment is not None:
+                pil = augment_lib.rand_augment(pil, self.rand_augment, rng, AUGMENT_FILL)
+            elif rng is not None and self.color_jitter > 0:
+                pil = augment_lib.color_jitter(pil, self.color_jitter, rng)
+            pixels = np.asarray(pil)
         normalised = image_ops.normalise(pixels)
         if rng is not None and self.erasing:
             prob, mode, min_count, max_count = self.erasing
