@@ -501,7 +501,7 @@ def _call(kernel, names, static, grid, in_specs, out_specs, out_shape, args, nam
 def _forward(q, k, v, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, static):
     batch, tq, heads, _ = q.shape
     tk = k.shape[1]
-    bq, bk = static.block_q, static.block_k
+    bq = static.block_q
     dp, dvp = static.head_dim_padded, static.value_dim_padded
     grid = (tq // bq, batch, heads)
     whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
