@@ -288,8 +288,9 @@ def groups_in_batch():
     """Within this context, the batch dimension of activations holds a sequence's groups
     folded in ([B * groups, tokens per group, ...], FIT's local and read/write layers), so the
     mesh axes that split the sequence (`activation_length`) split that batch instead, beside
-    the data axes, and lengths stay whole. Folding a sequence split over (data, sequence)
-    into [B * groups] then moves no data, and each group's attention stays on one device.
+    the data axes, and lengths stay whole, so each group's attention stays on one device.
+    (XLA may still re-lay data out between the folded and the sequence-split forms; see
+    zoo/fit_trunk.py.)
     Outside a mesh, or without a sequence split, it changes nothing."""
     context = _ACTIVE.get()
     rules = context.rules if context is not None else DEFAULT_RULES
