@@ -29,14 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from kernels_pallas import sharding  # noqa: E402
+from bench.timing import compile_train_step  # noqa: E402
 from zoo.training import hlo  # noqa: E402
-from zoo.training import mesh as mesh_lib  # noqa: E402
-from zoo.training import optim as optim_lib  # noqa: E402
-from zoo.training import pipeline  # noqa: E402
-from zoo.training import state as state_lib  # noqa: E402
-from zoo.training import step as step_lib  # noqa: E402
-from zoo.training import tasks  # noqa: E402
 
 CONFIGS = ("configs/vit.py:smoke", "configs/halonet.py:smoke", "configs/swin.py:smoke",
            "configs/vsa.py:smoke", "configs/ssa.py:smoke", "configs/fit.py:encoder_smoke",
@@ -61,23 +55,8 @@ def step_collectives(spec: str, mesh_shape, impl: str):
     config.batch_size = BATCH
     config.grad_accum_steps = 1
     config.mesh_shape = mesh_shape
-    mesh = mesh_lib.make_mesh(config)
-    skeleton = state_lib.ModelSkeleton(config)
-    params, _ = skeleton.split(skeleton.abstract_pure())
-    tx, schedule = optim_lib.make_optimizer(config, params)
-    abstract = state_lib.abstract_train_state(skeleton, tx)
-    shardings = state_lib.train_state_shardings(skeleton, abstract, mesh,
-                                                config.logical_axis_rules)
-    data_sharding = mesh_lib.batch_sharding(mesh, config.data_axes)
-    task = tasks.get_task(config)
-    step = step_lib.make_train_step(config=config, skeleton=skeleton,
-                                    task=task, tx=tx, lr_schedule=schedule,
-                                    mesh=mesh, state_shardings=shardings,
-                                    data_sharding=data_sharding)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sharding)
-             for k, v in pipeline.batch_spec(config, task, train=True).items()}
-    with sharding.record_kernel_calls() as calls:
-        compiled = step.lower(state_lib.with_shardings(abstract, shardings), batch).compile()
+    compiled, parts = compile_train_step(config)
+    params, calls = parts["params"], parts["kernel_calls"]
     param_shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
     return hlo.collectives(compiled.as_text()), calls, param_shapes
 

@@ -39,13 +39,9 @@ import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
 from configs import ssa as ssa_configs  # noqa: E402
+from bench.timing import compile_train_step  # noqa: E402
 from zoo.training import hlo  # noqa: E402
 from zoo.training import mesh as mesh_lib  # noqa: E402
-from zoo.training import optim as optim_lib  # noqa: E402
-from zoo.training import pipeline  # noqa: E402
-from zoo.training import state as state_lib  # noqa: E402
-from zoo.training import step as step_lib  # noqa: E402
-from zoo.training import tasks  # noqa: E402
 
 GB = 1024 ** 3
 
@@ -68,30 +64,11 @@ def build_config(context: int, sequence: int, strategy: str, *, width: int, dept
     return c
 
 
-def compile_step(config):
-    mesh = mesh_lib.make_mesh(config)
-    skeleton = state_lib.ModelSkeleton(config)
-    params, _ = skeleton.split(skeleton.abstract_pure())
-    tx, schedule = optim_lib.make_optimizer(config, params)
-    abstract = state_lib.abstract_train_state(skeleton, tx)
-    shardings = state_lib.train_state_shardings(skeleton, abstract, mesh,
-                                                config.logical_axis_rules)
-    data_sharding = mesh_lib.batch_sharding(mesh, config.data_axes)
-    task = tasks.get_task(config)
-    step = step_lib.make_train_step(config=config, skeleton=skeleton, task=task, tx=tx,
-                                    lr_schedule=schedule, mesh=mesh, state_shardings=shardings,
-                                    data_sharding=data_sharding)
-    spec = pipeline.batch_spec(config, task, train=True)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sharding)
-             for k, v in spec.items()}
-    compiled = step.lower(state_lib.with_shardings(abstract, shardings), batch).compile()
-    return compiled, (skeleton, tx, shardings, data_sharding, spec)
-
-
 def time_step(compiled, parts, steps: int) -> float:
     """Median seconds of `steps` train steps after one warm-up (the state is donated, so each
     step consumes the previous one's output)."""
-    skeleton, tx, shardings, data_sharding, spec = parts
+    skeleton, tx, shardings = parts["skeleton"], parts["tx"], parts["shardings"]
+    data_sharding, spec = parts["data_sharding"], parts["batch_spec"]
     model = skeleton.init_pure()
     params, _ = skeleton.split(model)
     state = jax.device_put({"model": model, "optimizer": tx.init(params),
@@ -144,7 +121,7 @@ def main() -> None:
                                       impl=args.impl, dtype=args.dtype)
                 start = time.perf_counter()
                 try:
-                    compiled, parts = compile_step(config)
+                    compiled, parts = compile_train_step(config)
                 except ValueError as error:
                     print(f"| {context} | {sequence} | {strategy} | – | error: "
                           f"{' '.join(str(error).split())[:140]} |", flush=True)
