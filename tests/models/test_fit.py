@@ -137,11 +137,17 @@ def test_remat_gives_identical_outputs_and_gradients(name, kw, call):
     def loss(model):
         return jnp.sum(jnp.sin(call(model).astype(jnp.float32)))
 
-    np.testing.assert_allclose(np.asarray(call(plain)), np.asarray(call(remat)), atol=1e-6)
-    g_plain = jax.tree.leaves(nnx.state(nnx.grad(loss)(plain)))
-    g_remat = jax.tree.leaves(nnx.state(nnx.grad(loss)(remat)))
-    for a, b in zip(g_plain, g_remat):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    @nnx.jit  # one compile per model instead of op-by-op eager calls (budget)
+    def outputs_and_gradients(model):
+        return call(model), nnx.state(nnx.grad(loss)(model))
+
+    out_plain, g_plain = outputs_and_gradients(plain)
+    out_remat, g_remat = outputs_and_gradients(remat)
+    np.testing.assert_allclose(np.asarray(out_plain), np.asarray(out_remat), atol=1e-6)
+    # Under jit XLA fuses the rematerialised graph differently: f32 rounding of ~2e-5 on
+    # gradients of size ~0.05 (measured); a remat bug differs by the gradient itself.
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
 
 
 def test_denoiser_shapes_conditioning_and_self_conditioning():
