@@ -34,6 +34,15 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     # masked_image_modeling | novel_view_synthesis. Set it through base_config(task), which
     # adds the task's own subtree.
     c.task = task
+    # Initial weights from a file, for fine-tuning (zoo/training/init_from.py). Used only when
+    # the run starts from scratch: a workdir with a checkpoint always resumes from it.
+    c.init_from = ml_collections.ConfigDict()
+    c.init_from.path = ""  # .safetensors | .npz | .pth/.pt/.bin/.ckpt; "" = random init
+    # a key of zoo.registry.weight_sources() ("hf:gpt2", "timm:swin_tiny_patch4_window7_224")
+    # whose converter maps the file's names to ours, or "zoo" (the file uses our paths)
+    c.init_from.source = ""
+    c.init_from.dont_load = ()  # regexes on our variable paths that keep their fresh init
+    c.init_from.overrides = ml_collections.ConfigDict()  # converter kwargs (num_heads, ...)
     c.label_smoothing = 0.0  # classification training loss only; eval reports plain CE
     # Mixup / CutMix on training batches (classification; zoo/training/mixup.py, timm's
     # semantics). Both alphas 0 = off; DeiT/Swin: mixup_alpha 0.8, cutmix_alpha 1.0.

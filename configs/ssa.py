@@ -8,11 +8,16 @@ GPT-2 small/medium pre-training on nanoGPT token files.
   python sample.py --config configs/ssa.py:smoke --workdir /tmp/ssa_smoke --prompt "def "
   python train.py --config configs/ssa.py:variant=long_context,sequence=8,cp=ring \
       --workdir /runs/ssa_32k --config.data.path=/data/openwebtext
+  python train.py --config configs/ssa.py:variant=gpt2_finetune,tune=ssa,ssa=position \
+      --workdir /runs/gpt2_pts --config.init_from.path=/ckpt/gpt2/model.safetensors \
+      --config.data.path=/data/wikitext
 
 Options (big_vision style, after the colon):
-  variant   smoke | ablation | gpt2_small | gpt2_medium | long_context
+  variant   smoke | ablation | gpt2_small | gpt2_medium | long_context | gpt2_finetune
   sequence  devices on the `sequence` mesh axis (long_context only; default 8)
   cp        ring | all_to_all: the context-parallel strategy (long_context only; README)
+  tune      ssa | full: what gpt2_finetune trains (only the selective-attention parameters,
+            or everything; see below)
   ssa       on (all three temperatures, weight-shared: the paper's < 0.5% variant)
             | unshared (same, own projections) | position (the official code: position term
             only) | off (vanilla GPT-2). Everything else, the seed included, is identical
@@ -30,10 +35,29 @@ Variants:
               tokens per step, AdamW lr 6e-4 (medium 3e-4), betas (0.9, 0.95), weight decay
               0.1 on all >= 2-D weights, clip 1.0, 2000 warmup steps, cosine to 10% over
               600k steps). The SSA paper's own pre-training hyper-parameters are
-              [unverified]; beta trains with the global schedule here. A separate optimizer
-              for beta (the official fine-tuning scripts) is expressible with
-              `optimizer.groups` (README), but fine-tuning also needs GPT-2's weights loaded
-              into the run, which the loop does not do yet: no fine-tuning variant is offered.
+              [unverified]; beta trains with the global schedule here (the official
+              fine-tuning recipes give it its own optimizer: gpt2_finetune).
+  gpt2_finetune  SSA added to pre-trained GPT-2 small, the official fine-tuning recipe
+              (umich-sota/selective_attention finetune/full_gpt2_PTS.py = tune=ssa,
+              full_gpt2_FT_PTS.py = tune=full). The weights come from Hugging Face's GPT-2
+              (`config.init_from.path`: gpt2's model.safetensors or pytorch_model.bin, source
+              "hf:gpt2"); the SSA parameters start at their initialisation. nanoGPT-format token
+              files `{data.path}/train.bin`, `val.bin` (the scripts' default data_dir is
+              data/alpaca). 5000 steps of 64 sequences x 1024 tokens, constant learning rates
+              (the scripts' decay_lr=False: no warmup, no decay), no gradient clipping, seed
+              1337, evaluation every 100 steps on 400 sequences (eval_iters=100 micro-batches
+              of 4), checkpoints every 500.
+                tune=ssa:  only the selective-attention parameters train, with Adam lr 1e-4,
+                           betas (0.9, 0.95); every GPT-2 weight is frozen.
+                tune=full: the same Adam for the SSA parameters, and AdamW lr 3e-5, betas
+                           (0.9, 0.95), weight decay 0.01 for every GPT-2 weight.
+              The official code has only the position term (pass ssa=position for exactly
+              it, beta init 1.5 as gpt_2_PTS.py); with ssa=on the token and value temperatures
+              train in the same group as beta. Deliberate differences: torch's AdamW there
+              decays biases and LayerNorm scales too, our loop never decays 1-D parameters (wd
+              0.01 x lr 3e-5 x 5000 steps shrinks them by 0.15% at most); and its accumulation
+              loop steps the optimizers after every micro-batch but the last (`if not
+              is_accumulating`), where we take one step per 64 sequences, the batch it states.
   long_context  gpt2_small (+SSA) with a 32768-token context, where SSA's position term
               (log n) matters most, trained context-parallel: a `sequence` mesh axis of
               `sequence` devices splits every sequence (4096 tokens per device at 8), attention
@@ -48,8 +72,11 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("smoke", "ablation", "gpt2_small", "gpt2_medium", "long_context")
+VARIANTS = ("smoke", "ablation", "gpt2_small", "gpt2_medium", "long_context", "gpt2_finetune")
 CP_STRATEGIES = ("ring", "all_to_all")
+TUNE = ("ssa", "full")
+# Every selective-attention parameter: beta (position term) and the token temperatures.
+SSA_PARAMETERS = r"(^|/)beta$|(^|/)(query|value)_temperature/"
 LONG_CONTEXT = 32768
 SSA_MODES = ("on", "unshared", "position", "off")
 
@@ -69,9 +96,9 @@ _GPT2_VOCAB = 50257
 def parse_arg(arg: str | None) -> dict[str, str]:
     return common.parse_arg(arg, file="configs/ssa.py",
                             defaults={"variant": "smoke", "ssa": "on", "sequence": "8",
-                                      "cp": "ring"},
+                                      "cp": "ring", "tune": "ssa"},
                             allowed={"variant": VARIANTS, "ssa": SSA_MODES,
-                                     "cp": CP_STRATEGIES})
+                                     "cp": CP_STRATEGIES, "tune": TUNE})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -81,6 +108,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c = _byte_level(variant)
     elif variant == "long_context":
         c = _long_context(options["sequence"], options["cp"])
+    elif variant == "gpt2_finetune":
+        c = _gpt2_finetune(options["tune"])
     else:
         c = _gpt2(variant)
     c.model.overrides.update(_SSA_SWITCHES[options["ssa"]])
@@ -98,6 +127,34 @@ def _long_context(sequence: str, strategy: str) -> ml_collections.ConfigDict:
     c.eval.batch_size = 8
     c.eval.num_batches = 50
     return common.with_context_parallelism(c, int(sequence), strategy=strategy)
+
+
+def _gpt2_finetune(tune: str) -> ml_collections.ConfigDict:
+    c = _gpt2("gpt2_small")
+    c.init_from.path = "/ckpt/gpt2/model.safetensors"
+    c.init_from.source = "hf:gpt2"
+    c.data.path = "/data/wikitext"
+    c.seed = 1337
+    c.batch_size = 64
+    c.total_steps = 5000
+    c.schedule.name = "constant"
+    c.schedule.warmup_steps = 0
+    c.optimizer.learning_rate = 3e-5
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.b1, c.optimizer.b2 = 0.9, 0.95
+    c.optimizer.grad_clip_norm = 0.0
+    # Group names are matched in sorted order: "selective" before "transformer".
+    c.optimizer.groups = ml_collections.ConfigDict({
+            "selective": dict(pattern=SSA_PARAMETERS, name="adamw", learning_rate=1e-4,
+                              weight_decay=0.0, b1=0.9, b2=0.95)})
+    if tune == "ssa":
+        c.optimizer.groups.transformer = ml_collections.ConfigDict(dict(pattern=".",
+                                                                        freeze=True))
+    c.checkpoint_every = 500
+    c.eval_every = 100
+    c.eval.batch_size = 16
+    c.eval.num_batches = 25
+    return c
 
 
 def _byte_level(variant: str) -> ml_collections.ConfigDict:

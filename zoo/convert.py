@@ -5,6 +5,9 @@
   from_gpt2(state_dict, ...)               Hugging Face `GPT2LMHeadModel` -> SSA GPT
   from_qformer_vsa(state_dict, ...)        official Swin-T + VSA (QFormer repo layout)
   from_nvist_official(state_dict, ...)     official NViST (encoder, decoder, renderer)
+  load_state_dict(path)                    name -> array from a .safetensors, .npz or torch
+                                           .pth/.bin file, read without torch and without
+                                           running code from it (zoo/weight_files.py)
 
 A state_dict is name -> array (numpy arrays; torch tensors are accepted too). Each converter
 infers what it can from the array shapes, builds the zoo model, copies every array into it with
@@ -24,6 +27,7 @@ from typing import Any, Mapping
 from flax import nnx
 
 from zoo import registry
+from zoo.weight_files import load_state_dict  # noqa: F401  (public: zoo.convert.load_state_dict)
 
 
 def from_source(source: str, state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = None,

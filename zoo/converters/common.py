@@ -8,6 +8,7 @@ the keys, never a silently half-random model.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -20,7 +21,7 @@ def to_numpy(name: str, value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
         value = value.detach().cpu().numpy()
     array = np.asarray(value)
-    if not np.issubdtype(array.dtype, np.number):
+    if not jnp.issubdtype(array.dtype, jnp.number):  # jnp's test knows ml_dtypes' bfloat16
         raise ValueError(f"state_dict[{name!r}] must be a numeric array, got dtype "
                          f"{array.dtype}")
     return array
@@ -76,12 +77,32 @@ def check_overrides(overrides: Mapping[str, Any], *, model_args: Sequence[str],
                          f"{allowed}")
 
 
+# Arrays `assign` wrote while `record_assignments` is active (innermost recorder last).
+_RECORDERS: list[list[jax.Array]] = []
+
+
+@contextlib.contextmanager
+def record_assignments():
+    """Collects every array a converter assigns from its state_dict, so a caller can tell
+    weights that came from the file from variables the converter initialised itself (SSA's
+    new temperatures on GPT-2 weights). Yields the list, filled as the converter runs."""
+    assigned: list[jax.Array] = []
+    _RECORDERS.append(assigned)
+    try:
+        yield assigned
+    finally:
+        _RECORDERS.remove(assigned)
+
+
 def assign(variable: nnx.Variable, value: np.ndarray, where: str) -> None:
     if tuple(variable.shape) != value.shape:
         raise ValueError(f"{where}: state_dict array of shape {value.shape} does not fit the "
                          f"model's {tuple(variable.shape)}")
     # The model is built abstractly (shapes only), so the value is replaced, not written into.
-    variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+    array = jnp.asarray(value, dtype=variable.dtype)
+    variable.set_value(array)
+    for recorder in _RECORDERS:
+        recorder.append(array)
 
 
 def build_abstract(build: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs | None):

@@ -22,13 +22,13 @@ from kernels_pallas import context_parallel
 from kernels_pallas.api import IMPLS
 from kernels_pallas.sharding import ACTIVATION_AXES
 from zoo.axes import LOGICAL_AXES
-from zoo.training import ema, mixup, optim, pipeline, tasks
+from zoo.training import ema, init_from, mixup, optim, pipeline, tasks
 from zoo.training.errors import ConfigError
 from zoo.training.mesh import resolve_mesh_shape
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 PARAM_DTYPES = ("float32", "bfloat16")
-_FREE_FORM = ("model.overrides", "optimizer.groups")
+_FREE_FORM = ("model.overrides", "optimizer.groups", "init_from.overrides")
 
 
 def _fail(path: str, value: Any, allowed: str) -> None:
@@ -251,6 +251,7 @@ def validate_config(config, *, num_devices: int, num_processes: int = 1,
     try:
         optim.validate_optimizer_config(config)
         ema.validate(config)
+        init_from.validate(config)
         mixup.validate(config)
         pipeline.validate_data_config(config, task, process_count=num_processes)
     except ConfigError:

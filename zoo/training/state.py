@@ -117,11 +117,23 @@ def with_shardings(abstract: Tree, shardings: Tree) -> Tree:
 
 
 def init_train_state(skeleton: ModelSkeleton, tx: optax.GradientTransformation,
-                     shardings: Tree) -> Tree:
-    """Initial train state, created directly in its shardings by one jitted function."""
+                     shardings: Tree, pretrained: dict[str, Any] | None = None) -> Tree:
+    """Initial train state, created directly in its shardings by one jitted function.
 
-    def init():
+    `pretrained` ('/'-joined variable path -> host array in the variable's dtype, from
+    zoo/training/init_from.py) replaces those variables of the fresh model before the optimizer
+    and the EMA are initialised; the arrays enter the jit as arguments already laid out in their
+    variables' shardings (never as compile-time constants)."""
+    pretrained = dict(pretrained or {})
+    flat_shardings = traverse_util.flatten_dict(shardings["model"])
+    paths = {"/".join(map(str, path)): path for path in flat_shardings}
+
+    def init(loaded):
         model = skeleton.init_pure()
+        if loaded:
+            flat = traverse_util.flatten_dict(model)
+            flat.update({paths[name]: value for name, value in loaded.items()})
+            model = traverse_util.unflatten_dict(flat)
         params, _ = skeleton.split(model)
         state = {"model": model, "optimizer": tx.init(params),
                  "step": jnp.zeros((), jnp.int32)}
@@ -129,4 +141,5 @@ def init_train_state(skeleton: ModelSkeleton, tx: optax.GradientTransformation,
             state["ema"] = jax.tree.map(jnp.copy, model)
         return state
 
-    return jax.jit(init, out_shardings=shardings)()
+    in_shardings = ({name: flat_shardings[paths[name]] for name in pretrained},)
+    return jax.jit(init, in_shardings=in_shardings, out_shardings=shardings)(pretrained)

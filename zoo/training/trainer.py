@@ -25,6 +25,7 @@ from kernels_pallas.sharding import ShardingError
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import config as config_lib
 from zoo.training import ema as ema_lib
+from zoo.training import init_from
 from zoo.training import mesh as mesh_lib
 from zoo.training import optim as optim_lib
 from zoo.training import pipeline, reporting
@@ -160,7 +161,13 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
         logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
     else:
         start_step = 0
-        train_state = state_lib.init_train_state(skeleton, tx, state_shardings)
+        pretrained = None
+        if init_from.enabled(config):  # fine-tuning: the file's weights, only on a fresh start
+            try:
+                pretrained = init_from.load(config, skeleton.abstract_pure())
+            except (ValueError, OSError) as error:
+                raise ConfigError(" ".join(str(error).split())) from None
+        train_state = state_lib.init_train_state(skeleton, tx, state_shardings, pretrained)
     if start_step > config.total_steps:
         raise ConfigError(
                 f"config.total_steps={config.total_steps} is below the step of the latest "
