@@ -69,6 +69,9 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     c.data.num_train_examples = 2048  # generated source only
     c.data.num_eval_examples = 512  # generated source only
     c.data.augment = "flip"  # none | flip | crop_flip (random-resized-crop + flip)
+    # Resampling of crop/eval resizes and RandAugment's geometric ops: bilinear | bicubic |
+    # random (timm: bilinear or bicubic per train image/op; eval bilinear).
+    c.data.interpolation = "bilinear"
     # timm RandAugment string ("rand-m9-mstd0.5-inc1": DeiT/Swin), "" = off; after crop/flip.
     c.data.rand_augment = ""
     # torchvision ColorJitter(s, s, s) after crop/flip (timm's default 0.4 without RandAugment).

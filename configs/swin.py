@@ -18,10 +18,9 @@ Variants:
                           and flip, RandAugment "rand-m9-mstd0.5-inc1", random erasing 0.25
                           (pixel mode, one box), Mixup 0.8 and CutMix 1.0 per batch (switch
                           probability 0.5); colour jitter 0.4 is listed there but timm drops it
-                          when RandAugment is on. No EMA (MODEL_EMA is off for Swin).
-                          Differences left: the official pipeline resizes and RandAugments
-                          bicubic; ours crops bilinear and RandAugments with timm's random
-                          bilinear/bicubic choice. [unverified] against a full run: no
+                          when RandAugment is on. Bicubic resampling (DATA.INTERPOLATION) in
+                          the crop, RandAugment's geometric ops and the eval resize. No EMA
+                          (MODEL_EMA is off for Swin). [unverified] against a full run: no
                           ImageNet training was run here.
 """
 from __future__ import annotations
@@ -84,6 +83,7 @@ def imagenet_config(model_name: str, source: str) -> ml_collections.ConfigDict:
             image_size=224, num_classes=1000, drop_path_rate=_DROP_PATH[variant]))
     common.imagenet_data(c, source, 224)
     c.label_smoothing = 0.1
+    c.data.interpolation = "bicubic"
     c.data.rand_augment = "rand-m9-mstd0.5-inc1"
     c.data.random_erasing.prob = 0.25
     c.data.random_erasing.mode = "pixel"

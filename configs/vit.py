@@ -16,7 +16,8 @@ Variants:
                    reference code facebookresearch/deit main.py): AdamW, lr 5e-4 * batch/512,
                    weight decay 0.05, batch 1024, 300 epochs, 5 warmup epochs, cosine decay to
                    1e-5, stochastic depth 0.1, label smoothing 0.1, random-resized crop and
-                   flip, RandAugment "rand-m9-mstd0.5-inc1", random erasing 0.25 (pixel mode),
+                   flip, bicubic resampling (--train-interpolation bicubic, and the eval
+                   resize), RandAugment "rand-m9-mstd0.5-inc1", random erasing 0.25 (pixel mode),
                    Mixup 0.8 / CutMix 1.0 (switch probability 0.5, per batch) and an EMA of
                    the weights with decay 0.99996 (main.py's defaults; colour jitter 0.3 is
                    listed there but timm drops it under RandAugment).
@@ -93,6 +94,7 @@ def _imagenet(variant: str) -> ml_collections.ConfigDict:
     steps_per_epoch = _IMAGENET_TRAIN_IMAGES / _DEIT_BATCH
     c.total_steps = int(_DEIT_EPOCHS * steps_per_epoch)
     c.label_smoothing = _DEIT_LABEL_SMOOTHING
+    c.data.interpolation = "bicubic"
     c.data.rand_augment = "rand-m9-mstd0.5-inc1"
     c.data.random_erasing.prob = 0.25
     c.mixup.mixup_alpha = 0.8

@@ -11,8 +11,8 @@ Variants:
   vsa_swin_t  ImageNet-1k, 224 px. VSA's paper trains Swin-T + VSA with Swin's recipe (AdamW
               lr 1e-3 at batch 1024, weight decay 0.05, 300 epochs, 20 warmup, cosine, label
               smoothing 0.1, stochastic depth 0.2, RandAugment rand-m9-mstd0.5-inc1, random
-              erasing 0.25, Mixup 0.8 / CutMix 1.0); configs/swin.py documents it and the
-              differences left (bicubic resampling).
+              erasing 0.25, Mixup 0.8 / CutMix 1.0, bicubic resampling); configs/swin.py
+              documents it.
 `data=image_folder` reads ImageNet from <path>/train and <path>/val instead of TFDS.
 """
 from __future__ import annotations

@@ -168,6 +168,9 @@ def test_color_jitter_factors_and_order():
         ({"data.rand_augment": "rand-m9-q1"}, "unknown part 'q1'"),
         ({"data.random_erasing.mode": "blur"}, "config.data.random_erasing.mode='blur'"),
         ({"data.random_erasing.prob": 2.0}, "config.data.random_erasing.prob=2.0"),
+        ({"data.interpolation": "lanczos"},
+         r"config.data.interpolation='lanczos' is invalid; allowed: one of \('bilinear', "
+         r"'bicubic', 'random'\)"),
 ])
 def test_bad_augmentation_settings_are_config_errors(changes, message):
     from training_helpers import tiny_config
@@ -176,3 +179,56 @@ def test_bad_augmentation_settings_are_config_errors(changes, message):
 
     with pytest.raises(ConfigError, match=message):
         validate_config(tiny_config(**changes), num_devices=8)
+
+
+def _example(interpolation, augment="crop_flip", **kw):
+    from zoo.training.classification import ClassificationExample
+    return ClassificationExample(image_size=16, num_classes=10, augment=augment,
+                                 center_fraction=0.875, interpolation=interpolation, **kw)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_crop_and_eval_resize_use_the_configured_interpolation(interpolation):
+    from zoo.training import image_ops
+    rng_pixels = np.random.default_rng(3)
+    image = rng_pixels.integers(0, 256, (40, 30, 3)).astype(np.uint8)
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+    raw = {"image": image, "label": 1}
+
+    out = _example(interpolation)(raw, np.random.default_rng(7))["image"]
+    rng = np.random.default_rng(7)  # replay the example's draws: the box, then the flip coin
+    box = image_ops.random_resized_box(40, 30, rng)
+    expected = Image.fromarray(image).resize((16, 16), resample, box=box)
+    if rng.random() < 0.5:
+        expected = expected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    np.testing.assert_array_equal(out, image_ops.normalise(np.asarray(expected)))
+
+    evaluated = _example(interpolation)(raw, None)["image"]
+    expected = Image.fromarray(image).resize((16, 16), resample,
+                                             box=image_ops.center_box(40, 30, 0.875))
+    np.testing.assert_array_equal(evaluated, image_ops.normalise(np.asarray(expected)))
+
+
+def test_random_interpolation_mixes_per_image_and_rand_augment_follows_a_fixed_one(
+        monkeypatch):
+    seen = []
+    original_resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, resample=None, **kw: (
+            seen.append(resample) or original_resize(self, size, resample, **kw)))
+    image = {"image": np.random.default_rng(0).integers(0, 256, (40, 30, 3)).astype(np.uint8),
+             "label": 0}
+    for seed in range(200):
+        _example("random")(image, np.random.default_rng(seed))
+    share = seen.count(Image.BICUBIC) / len(seen)
+    assert set(seen) == {Image.BILINEAR, Image.BICUBIC} and abs(share - 0.5) < 0.12
+    seen.clear()
+    _example("random")(image, None)  # eval: bilinear, as timm
+    assert seen == [Image.BILINEAR]
+
+    filters = []
+    monkeypatch.setattr(augment, "apply_op", lambda image, name, level, fill, resample: (
+            filters.append(resample) or image))
+    spec = augment.parse_rand_augment("rand-m9-n4-p1.0-inc1")
+    for seed in range(50):
+        _example("bicubic", rand_augment=spec)(image, np.random.default_rng(seed))
+    assert set(filters) == {Image.BICUBIC}

@@ -13,8 +13,8 @@ drawn uniformly with replacement from timm's 15-op list (`inc1`: the "increasing
 whose strength grows with the magnitude); each applied with probability `p` (default 0.5) at
 magnitude `m` (of 10) plus Gaussian noise of std `mstd` (`mstd` inf: uniform in [0, m]),
 clipped to [0, 10] (`mmax` changes the top). Geometric ops fill with the dataset mean
-(`img_mean`) and resample bilinear or bicubic at random (timm's "random" train
-interpolation); translations move by up to 45% of the side.
+(`img_mean`) and resample with `config.data.interpolation` (with "random", bilinear or bicubic
+at random per op, as timm); translations move by up to 45% of the side.
 
 Colour jitter (`color_jitter=s`, torchvision's ColorJitter(s, s, s) as timm builds it): brightness,
 contrast and saturation factors uniform in [max(0, 1 - s), 1 + s], applied in random order
@@ -167,8 +167,11 @@ def op_level(name: str, magnitude: float, negate: bool) -> float:
     return 0.0  # AutoContrast, Equalize, Invert take no argument
 
 
-def rand_augment(image, spec: RandAugmentSpec, rng: np.random.Generator, fill):
-    """timm's RandAugment.__call__ on a PIL image, drawing from `rng`."""
+def rand_augment(image, spec: RandAugmentSpec, rng: np.random.Generator, fill,
+                 resample=None):
+    """timm's RandAugment.__call__ on a PIL image, drawing from `rng`. Geometric ops resample
+    with `resample` (a PIL filter), or bilinear/bicubic at random per op when None (timm's
+    "random" train interpolation; a fixed one is passed to the ops as timm's hparams)."""
     from PIL import Image
 
     for name in rng.choice(spec.ops, spec.num_layers, replace=True):
@@ -181,9 +184,11 @@ def rand_augment(image, spec: RandAugmentSpec, rng: np.random.Generator, fill):
             magnitude = rng.normal(magnitude, spec.magnitude_std)
         magnitude = max(0.0, min(magnitude, spec.magnitude_max))
         negate = rng.random() > 0.5
-        resample = Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC
+        op_resample = resample
+        if op_resample is None:
+            op_resample = Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC
         image = apply_op(image, str(name), op_level(str(name), magnitude, negate), fill=fill,
-                         resample=resample)
+                         resample=op_resample)
     return image
 
 

@@ -22,6 +22,10 @@ from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
 
 AUGMENTS = ("none", "flip", "crop_flip")
+# Resampling of the crop resize and of RandAugment's geometric ops, with timm's meanings:
+# "random" draws bilinear or bicubic per train image (and per RandAugment op), eval resizes
+# bilinear; Swin and DeiT train and evaluate with "bicubic".
+INTERPOLATIONS = ("bilinear", "bicubic", "random")
 # timm's fill for geometric RandAugment ops: the ImageNet mean in [0, 255], rounded.
 AUGMENT_FILL = tuple(int(round(float(x))) for x in image_ops.IMAGENET_MEAN)
 # Eval (and un-cropped train) images: the centre square covering this fraction of the shorter
@@ -35,8 +39,10 @@ class ClassificationExample:
 
     Train (an RNG given): "crop_flip" takes a random-resized crop, "flip" and "crop_flip" mirror
     half the images, then RandAugment and (after normalisation) random erasing run when
-    configured (zoo/training/augment.py, timm's order). Otherwise the centre square covering `center_fraction` of the shorter side
-    is resized to S (identity for generated images, which are already S x S).
+    configured (zoo/training/augment.py, timm's order). Otherwise the centre square covering
+    `center_fraction` of the shorter side is resized to S (identity for generated images,
+    which are already S x S). Resizes and RandAugment's geometric ops resample with
+    `interpolation` (INTERPOLATIONS).
     Picklable: it is shipped to grain's worker processes.
     """
     image_size: int
@@ -46,6 +52,7 @@ class ClassificationExample:
     rand_augment: augment_lib.RandAugmentSpec | None = None
     color_jitter: float = 0.0
     erasing: tuple = ()  # (prob, mode, min_count, max_count) of random erasing, or ()
+    interpolation: str = "bilinear"  # one of INTERPOLATIONS
 
     def __call__(self, raw: Mapping[str, Any], rng: np.random.Generator | None
                  ) -> dict[str, np.ndarray]:
@@ -68,12 +75,17 @@ class ClassificationExample:
             box = image_ops.random_resized_box(height, width, rng)
         else:
             box = image_ops.center_box(height, width, self.center_fraction)
+        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}.get(
+                self.interpolation)
+        if resample is None:  # "random": per train image, as timm's RandomResizedCrop
+            resample = (Image.BILINEAR if rng is None or rng.random() < 0.5
+                        else Image.BICUBIC)
         # The image stays a PIL image through resize, flip and colour ops and becomes an array
         # once (a contiguous one, which normalises faster than a flipped view).
         pil = image
         if box != (0, 0, side, side) or (height, width) != (side, side):
             pil = (image if image is not None else Image.fromarray(array)).resize(
-                    (side, side), Image.BILINEAR, box=box)
+                    (side, side), resample, box=box)
         flip = (rng is not None and self.augment in ("flip", "crop_flip")
                 and rng.random() < 0.5)
         recolour = rng is not None and (self.rand_augment is not None or self.color_jitter > 0)
@@ -85,7 +97,9 @@ class ClassificationExample:
             if flip:
                 pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if rng is not None and self.rand_augment is not None:
-                pil = augment_lib.rand_augment(pil, self.rand_augment, rng, AUGMENT_FILL)
+                pil = augment_lib.rand_augment(
+                        pil, self.rand_augment, rng, AUGMENT_FILL,
+                        resample=None if self.interpolation == "random" else resample)
             elif rng is not None and self.color_jitter > 0:
                 pil = augment_lib.color_jitter(pil, self.color_jitter, rng)
             pixels = np.asarray(pil)
@@ -113,6 +127,9 @@ class ImageData:
         if d.num_classes < 1:
             raise ValueError(f"config.data.num_classes={d.num_classes!r} is invalid; allowed: "
                              f"an integer >= 1")
+        if d.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"config.data.interpolation={d.interpolation!r} is invalid; "
+                             f"allowed: one of {INTERPOLATIONS}")
         if d.rand_augment:
             augment_lib.parse_rand_augment(d.rand_augment)
         if not 0.0 <= d.color_jitter <= 1.0:
@@ -149,7 +166,8 @@ class ImageData:
                               if d.rand_augment else None),
                 color_jitter=float(d.color_jitter),
                 erasing=((float(erasing.prob), str(erasing.mode), int(erasing.min_count),
-                          int(erasing.max_count)) if erasing.prob > 0 else ()))
+                          int(erasing.max_count)) if erasing.prob > 0 else ()),
+                interpolation=str(d.interpolation))
 
     def example_spec(self, config) -> dict[str, tuple[tuple[int, ...], Any]]:
         side = int(config.data.image_size)
