@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 
-from absl import app
 
 from zoo.training import cli
 from zoo.training.evaluate import evaluate_checkpoint
@@ -27,4 +26,4 @@ def _evaluate(config, workdir: str, step: int | None) -> None:
 
 
 if __name__ == "__main__":
-    app.run(cli.main(_RUN, _evaluate))
+    cli.run(cli.main(_RUN, _evaluate))

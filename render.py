@@ -15,7 +15,7 @@ The summary (paths, PSNR and SSIM per view) is the last line of stdout.
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from zoo.training import cli
 
@@ -33,4 +33,4 @@ _OPTIONS = {
 }
 
 if __name__ == "__main__":
-    app.run(cli.main(_RUN, cli.write_samples(_OPTIONS)))
+    cli.run(cli.main(_RUN, cli.write_samples(_OPTIONS)))

@@ -18,7 +18,7 @@ The summary (paths) is the last line of stdout.
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from zoo.training import cli
 
@@ -41,4 +41,4 @@ _OPTIONS = {
 }
 
 if __name__ == "__main__":
-    app.run(cli.main(_RUN, cli.write_samples(_OPTIONS)))
+    cli.run(cli.main(_RUN, cli.write_samples(_OPTIONS)))

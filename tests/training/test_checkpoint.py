@@ -17,6 +17,7 @@ from zoo.training import mesh as mesh_lib
 from zoo.training import state as state_lib
 from zoo.training import step as step_lib
 from zoo.training import tasks
+from zoo.training.errors import CheckpointError
 
 
 class _CountingIterator:
@@ -154,7 +155,7 @@ def test_checkpoint_matching_no_target_is_an_error_and_nothing_is_moved(saved_on
     abstract = state_lib.abstract_train_state(skeleton, tx)
     shardings = state_lib.train_state_shardings(skeleton, abstract, mesh, config.logical_axis_rules)
     checkpointer = ckpt_lib.Checkpointer(directory, keep=3, async_save=False)
-    with pytest.raises(RuntimeError, match="no checkpoint in .* can be restored"):
+    with pytest.raises(CheckpointError, match="no checkpoint in .* can be restored: step 3: "):
         checkpointer.restore_latest(state_lib.with_shardings(abstract, shardings),
                                     _CountingIterator())
     assert checkpointer.all_steps() == [3]

@@ -25,6 +25,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from zoo.training.errors import CheckpointError
+
 STATE, DATA_ITER = "state", "data_iter"
 
 
@@ -114,11 +116,19 @@ class Checkpointer:
                 self._quarantine(bad_step)
             return step, restored[STATE]
         if failed:
-            step, error = failed[0]
-            raise RuntimeError(f"no checkpoint in {self.directory} can be restored; the newest "
-                               f"(step {step}) failed with {type(error).__name__}: "
-                               f"{' '.join(str(error).split())[:500]}") from error
+            raise CheckpointError(
+                    f"no checkpoint in {self.directory} can be restored: "
+                    f"{describe_failures(failed)}. Either the config no longer matches the "
+                    f"run (model, optimizer or EMA settings changed), or every checkpoint is "
+                    f"damaged; nothing was moved or overwritten") from failed[0][1]
         return None
+
+    def quarantine_all(self) -> list[int]:
+        """Moves every checkpoint to `quarantine_dir` (a deliberate restart from scratch)."""
+        steps = self.all_steps()
+        for step in steps:
+            self._quarantine(step)
+        return steps
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
@@ -145,6 +155,12 @@ class Checkpointer:
         self.manager.close()
 
 
+def describe_failures(failed: list[tuple[int, BaseException]]) -> str:
+    """'step 8: UnicodeDecodeError: ...; step 4: ...' (each reason cut to 200 characters)."""
+    return "; ".join(f"step {step}: {type(error).__name__}: "
+                     f"{' '.join(str(error).split())[:200]}" for step, error in failed)
+
+
 def restore_model_only(directory: str, model_target, step: int | None = None, *,
                        subtree: str = "model") -> tuple[int, Any]:
     """Reads only the "model" subtree (or "ema", the moving average of its variables) of
@@ -164,31 +180,51 @@ def restore_model_only(directory: str, model_target, step: int | None = None, *,
             raise ValueError(f"--step={step} has no checkpoint in {directory}; available: "
                              f"{steps}")
         target = {subtree: model_target}
-        restored = reader.restore(step, args=ocp.args.Composite(**{
-                STATE: ocp.args.PyTreeRestore(
-                        item=target, partial_restore=True,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(target))}))
+        try:
+            restored = reader.restore(step, args=ocp.args.Composite(**{
+                    STATE: ocp.args.PyTreeRestore(
+                            item=target, partial_restore=True,
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(target))}))
+        except Exception as error:  # noqa: BLE001  (any read failure, named with its step)
+            raise CheckpointError(
+                    f"the checkpoint at step {step} in {directory} cannot be read: "
+                    f"{describe_failures([(step, error)])}; steps present: {steps} (--step "
+                    f"picks another). Either the config no longer matches the run, or the "
+                    f"checkpoint is damaged") from error
         return step, restored[STATE][subtree]
     finally:
         reader.close()
 
 
 class PreemptionFlag:
-    """Set by SIGTERM; the loop checks it at step boundaries, saves, and exits cleanly.
+    """Set by SIGTERM or SIGINT (Ctrl-C); the loop checks it at step boundaries, saves, and
+    exits cleanly (status 0, "stopped at step N on SIGINT; resume with the same command").
 
     The handler only sets a flag: saving from inside a signal handler would race the step in
-    flight.
+    flight. A second SIGINT while the first is pending is the user insisting: the default
+    handler comes back and KeyboardInterrupt is raised at once (the last saved checkpoint
+    stands; the current step's work is lost).
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self._event = threading.Event()
         self.signal_name = ""
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
-                signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Puts back the handlers that were installed before (the loop has ended)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         del frame
+        if signum == signal.SIGINT and self._event.is_set():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
         self._event.set()
 

@@ -21,6 +21,7 @@ What is read and how an example is prepared is the task's data half (`Task.open_
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 from typing import Any, Callable, Iterator, Mapping
@@ -29,6 +30,7 @@ import grain
 import jax
 import numpy as np
 
+from zoo.training.errors import DataError
 from zoo.training.tasks import Task
 
 _AUGMENT_STREAM = 1  # keeps augmentation draws apart from any other use of config.seed
@@ -207,6 +209,15 @@ def _allow_worker_processes_without_absl_main() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _next_batch(iterator, what: str) -> dict[str, np.ndarray]:
+    """next(iterator), with a bad example (ValueError/OSError raised while reading or preparing
+    it, in this process or a grain worker) turned into a one-line DataError."""
+    try:
+        return next(iterator)
+    except (ValueError, OSError) as error:
+        raise DataError(f"{what}: {' '.join(str(error).split())}") from None
+
+
 def _iterate(batches, config):
     """A grain iterator over a MapDataset of batches: a few threads in this process, or
     config.data.worker_count worker processes each producing whole batches."""
@@ -275,7 +286,8 @@ class TrainIterator:
 
     def next_local(self) -> dict[str, np.ndarray]:
         """This process's share of the next batch, as numpy arrays."""
-        local = next(self.grain_iterator)
+        local = _next_batch(self.grain_iterator,
+                            f"training data (config.data.train_split, batch {self._next_batch})")
         self._next_batch += 1
         return local
 
@@ -329,7 +341,12 @@ def make_eval_iterator(config, task: Task, mesh, data_sharding
 def _eval_batches(batches, config, data_sharding) -> Iterator[dict[str, jax.Array]]:
     iterator = _iterate(batches, config)
     try:
-        for local in iterator:
+        for index in itertools.count():
+            try:
+                local = _next_batch(iterator, f"eval data (config.data.eval_split, batch "
+                                              f"{index})")
+            except StopIteration:
+                return
             yield _to_global(local, data_sharding, int(config.eval.batch_size))
     finally:
         iterator.close()

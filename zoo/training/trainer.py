@@ -31,8 +31,8 @@ from zoo.training import optim as optim_lib
 from zoo.training import pipeline, reporting
 from zoo.training import state as state_lib
 from zoo.training import step as step_lib
-from zoo.training import tasks
-from zoo.training.errors import ConfigError
+from zoo.training import tasks, workdir_lock
+from zoo.training.errors import CheckpointError, ConfigError
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,19 +53,39 @@ def parse_profile_steps(text: str, from_config) -> tuple[int, int] | None:
     return first, last
 
 
-def _restore(checkpointer, state_target, train_iter, state_shardings):
+def _restore(checkpointer, state_target, train_iter, state_shardings, *,
+             allow_restart_from_scratch: bool = False):
     """`checkpointer.restore_latest`, plus EMA switched on in a run whose checkpoints have
     none: the model is restored and the average starts from it (nothing is moved or lost
-    when the first attempt fails: restore_latest only quarantines when an older step reads)."""
+    when the first attempt fails: restore_latest only quarantines when an older step reads).
+
+    When no checkpoint is readable the CheckpointError stands (the run refuses to overwrite
+    them), unless `allow_restart_from_scratch`: then all are moved to the quarantine folder and
+    None is returned (a fresh start)."""
+    try:
+        return _restore_with_ema_fallback(checkpointer, state_target, train_iter,
+                                          state_shardings)
+    except CheckpointError as error:
+        if not allow_restart_from_scratch:
+            raise CheckpointError(f"{error}; to start again from step 0, pass "
+                                  f"--allow_restart_from_scratch (the checkpoints are then "
+                                  f"moved to {checkpointer.quarantine_dir})") from error
+        moved = checkpointer.quarantine_all()
+        logging.warning("%s; --allow_restart_from_scratch: moved steps %s to %s and starting "
+                        "from step 0", error, moved, checkpointer.quarantine_dir)
+        return None
+
+
+def _restore_with_ema_fallback(checkpointer, state_target, train_iter, state_shardings):
     try:
         return checkpointer.restore_latest(state_target, train_iter)
-    except RuntimeError:
+    except CheckpointError:
         if "ema" not in state_target:
             raise
         without = {k: v for k, v in state_target.items() if k != "ema"}
         try:
             restored = checkpointer.restore_latest(without, train_iter)
-        except RuntimeError:
+        except CheckpointError:
             restored = None  # not the EMA's fault: report the original error
         if restored is None:
             raise
@@ -77,17 +97,26 @@ def _restore(checkpointer, state_target, train_iter, state_shardings):
         return step, {**state, "ema": ema}
 
 
-def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] | None) -> None:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluating and
-    checkpointing as the config says. Raises ConfigError before any compilation for a config
-    it cannot run, TrainingDiverged when the loss or a norm becomes NaN/inf."""
+def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] | None,
+                       allow_restart_from_scratch: bool = False) -> None:
+    """Trains `config` in `workdir` (resuming from its latest readable checkpoint), evaluating
+    and checkpointing as the config says. Raises ConfigError before any compilation for a
+    config it cannot run, CheckpointError when the workdir has checkpoints and none can be
+    restored (unless `allow_restart_from_scratch`, which moves them aside and starts over),
+    TrainingDiverged when the loss or a norm becomes NaN/inf. A second run on a workdir that a
+    live run owns is a ConfigError (zoo/training/workdir_lock.py)."""
     # ------------------------------------------------------------------------------------------
     # Config checks: every mistake is one line, before any compilation.
     # ------------------------------------------------------------------------------------------
     config_lib.validate_config(config, num_devices=jax.device_count(),
                                num_processes=jax.process_count())
-    # From here on SIGTERM (preemption) only sets a flag: the loop saves and exits cleanly.
-    preemption = ckpt_lib.PreemptionFlag()
+    with workdir_lock.hold(workdir):
+        _train_and_evaluate(config, workdir, profile_steps=profile_steps,
+                            allow_restart_from_scratch=allow_restart_from_scratch)
+
+
+def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] | None,
+                        allow_restart_from_scratch: bool) -> None:
     is_lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_lead:
@@ -155,7 +184,8 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          keep=config.keep_checkpoints,
                                          async_save=config.async_checkpointing)
-    restored = _restore(checkpointer, state_target, train_iter, state_shardings)
+    restored = _restore(checkpointer, state_target, train_iter, state_shardings,
+                        allow_restart_from_scratch=allow_restart_from_scratch)
     if restored is not None:
         start_step, train_state = restored
         logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
@@ -213,6 +243,11 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
     step_times: list[float] = []
     stopped_early = False
     step = start_step
+    # From here on SIGTERM (preemption) and SIGINT only set a flag: the loop saves and exits
+    # cleanly. Installed only around the loop, and put back after it, so a notebook or test that
+    # calls this function keeps its own Ctrl-C. (A signal during compilation or restore still
+    # stops the process at once: no step has been taken since the checkpoint it resumed.)
+    preemption = ckpt_lib.PreemptionFlag()
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             if profile_steps and step == profile_steps[0]:
@@ -298,6 +333,8 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
             jax.profiler.stop_trace()
         checkpointer.close()  # waits for async saves; a diverged run keeps its last good one
         writer.close()
+        train_iter.close()  # stops grain's worker processes (and frees their shared memory)
+        preemption.restore()
 
     # ------------------------------------------------------------------------------------------
     # Summary: compile time, step time, FLOP throughput and MFU.
