@@ -83,6 +83,11 @@ def base_config(task: str = "classification") -> ml_collections.ConfigDict:
     c.data.random_erasing.min_count = 1
     c.data.random_erasing.max_count = 1
     c.data.worker_count = 0  # grain worker processes (0 = in the main process)
+    # An example that cannot be read or prepared (an undecodable image, a bad record): "fail"
+    # stops the run naming it; "skip" replaces a train example by the next readable one
+    # (deterministically: the same batches on any host count and on resume), leaves a bad eval
+    # example out of the metrics, warns with its name and counts data/bad_examples.
+    c.data.on_bad_example = "fail"
     c.data.worker_buffer_size = 2
     c.data.shuffle = True
     # Image width for sources with non-square images (novel_view_synthesis's); image_size is

@@ -158,21 +158,70 @@ def test_unreadable_checkpoints_are_named_and_never_overwritten(tmp_path):
     assert evaluate_checkpoint(_tiny(), workdir, None)["step"] == 4
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_an_undecodable_image_names_its_file(tmp_path, workers):
+def _image_folder(root: Path) -> tuple[Path, Path]:
+    """16 train / 16 eval JPEGs in 2 classes, one train and one eval image undecodable."""
     rng = np.random.default_rng(0)
     for split in ("train", "eval"):
         for label in ("a", "b"):
-            folder = tmp_path / "images" / split / label
+            folder = root / "images" / split / label
             folder.mkdir(parents=True)
             for i in range(8):
                 Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
                         folder / f"{i}.jpg")
-    bad = tmp_path / "images" / "train" / "b" / "5.jpg"
+    bad = root / "images" / "train" / "b" / "5.jpg"
     bad.write_bytes(b"\xff\xd8 truncated jpeg")
-    config = _tiny(**{"data.source": "image_folder", "data.path": str(tmp_path / "images"),
+    (root / "images" / "eval" / "a" / "2.jpg").write_bytes(b"")
+    return root / "images", bad
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_undecodable_image_names_its_file(tmp_path, workers):
+    images, bad = _image_folder(tmp_path)
+    config = _tiny(**{"data.source": "image_folder", "data.path": str(images),
                       "data.num_classes": 2, "data.worker_count": workers})
     config.model.overrides.num_classes = 2
     with pytest.raises(DataError, match=rf"training data \(config.data.train_split, batch 0\): "
                                         rf"{bad}: cannot decode image \(17 bytes\)"):
         trainer.train_and_evaluate(config, str(tmp_path / "run"), profile_steps=None)
+
+
+def test_skipping_bad_examples_is_deterministic_and_counted(tmp_path):
+    """on_bad_example="skip": a bad train example is replaced by the next readable one, the
+    same way on 1 and 2 processes; a bad eval example is masked out; the run finishes and
+    logs data/bad_examples."""
+    from zoo.training import pipeline, tasks
+    images, _ = _image_folder(tmp_path)
+    config = _tiny(**{"data.source": "image_folder", "data.path": str(images),
+                      "data.num_classes": 2, "data.on_bad_example": "skip",
+                      "data.augment": "none", "data.shuffle": False,
+                      "data.image_size": 16, "batch_size": 16, "eval.batch_size": 16})
+    config.model.overrides.num_classes = 2
+    config.model.overrides.image_size = 16
+    task = tasks.get_task(config)
+
+    def batches(process, count):
+        iterator = pipeline.TrainIterator(config, task, None, process_index=process,
+                                          process_count=count)
+        return [iterator.next_local() for _ in range(2)], iterator.bad_examples
+
+    (single, bad_single) = batches(0, 1)
+    halves = [batches(p, 2) for p in range(2)]
+    for k in range(2):
+        for key in single[k]:
+            np.testing.assert_array_equal(
+                    np.concatenate([halves[0][0][k][key], halves[1][0][k][key]]),
+                    single[k][key])
+    assert bad_single == 2 and halves[0][1] + halves[1][1] == 2  # once per epoch, 2 epochs
+    # Unshuffled, index 13 (b/5.jpg) is replaced by index 14 (b/6.jpg): same pixels twice.
+    np.testing.assert_array_equal(single[0]["image"][13], single[0]["image"][14])
+
+    eval_batch = next(iter(pipeline._local_eval_batches(config, task, process_index=0,
+                                                        process_count=1)))
+    assert eval_batch["mask"].tolist() == [1.0] * 2 + [0.0] + [1.0] * 13
+
+    workdir = tmp_path / "run"
+    trainer.train_and_evaluate(config, str(workdir), profile_steps=None)
+    import json
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["data/bad_examples"] for r in records if "data/bad_examples" in r]
+    assert counts and counts[-1] == 2

@@ -272,7 +272,8 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly():
     try:
         _assert_same_batches(_take(workers, 4), expected)
         assert workers.get_state() == in_process.get_state() == {"next_batch": 6,
-                                                                 "batch_size": 8}
+                                                                 "batch_size": 8,
+                                                                 "bad_examples": 0}
     finally:
         workers.close()
 

@@ -29,11 +29,17 @@ from typing import Any, Callable, Iterator, Mapping
 import grain
 import jax
 import numpy as np
+from absl import logging
 
 from zoo.training.errors import DataError
 from zoo.training.tasks import Task
 
 _AUGMENT_STREAM = 1  # keeps augmentation draws apart from any other use of config.seed
+ON_BAD_EXAMPLE = ("fail", "skip")
+# "skip": at most this many consecutive bad examples replace one train example.
+MAX_REPLACEMENTS = 16
+# Key of the per-batch count of replaced examples, taken out before the batch leaves the host.
+BAD_EXAMPLES_KEY = "__bad_examples__"
 
 
 # ================================================================================================
@@ -49,6 +55,9 @@ def validate_data_config(config, task: Task, *, process_count: int | None = None
         raise ValueError(f"config.data.source={d.source!r} is invalid for config.task="
                          f"{config.task!r}; allowed: {task.sources}")
     task.check_data(config)
+    if d.on_bad_example not in ON_BAD_EXAMPLE:
+        raise ValueError(f"config.data.on_bad_example={d.on_bad_example!r} is invalid; allowed: "
+                         f"one of {ON_BAD_EXAMPLE}")
     if d.worker_count < 0:
         raise ValueError(f"config.data.worker_count={d.worker_count!r} is invalid; allowed: an "
                          f"integer >= 0")
@@ -108,16 +117,41 @@ class _LoadTrainBatch:
     global_batch: int
     local_batch: int
     process_index: int
+    skip_bad: bool = False  # config.data.on_bad_example == "skip"
+
+    def _example(self, index: int, epoch: int) -> tuple[dict[str, np.ndarray], int]:
+        """(prepared example, number of bad examples passed over to get it).
+
+        Skipping replaces a bad example by the next index (mod N), with its own RNG keyed by
+        the bad index and the attempt, so the batch is a function of (seed, position) alone:
+        still the same for any number of processes or workers, and on resume."""
+        for attempt in range(MAX_REPLACEMENTS + 1 if self.skip_bad else 1):
+            candidate = (index + attempt) % self.num_examples
+            key = [self.seed, _AUGMENT_STREAM, epoch, index] + ([attempt] if attempt else [])
+            try:
+                return self.prepare(self.source[candidate], np.random.default_rng(key)), attempt
+            except (ValueError, OSError) as error:
+                if not self.skip_bad:
+                    raise
+                logging.warning("config.data.on_bad_example='skip': skipping example %d: %s",
+                                candidate, " ".join(str(error).split()))
+        raise DataError(f"{MAX_REPLACEMENTS + 1} consecutive train examples from index {index} "
+                        f"cannot be read (config.data.on_bad_example='skip' replaces at most "
+                        f"{MAX_REPLACEMENTS}); the data set looks broken")
 
     def __call__(self, batch: int) -> dict[str, np.ndarray]:
         start = batch * self.global_batch + self.process_index * self.local_batch
-        examples = []
+        examples, bad = [], 0
         for position in range(start, start + self.local_batch):
-            index = int(self.indices[position])
-            epoch = position // self.num_examples
-            rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, epoch, index])
-            examples.append(self.prepare(self.source[index], rng))
-        return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+            example, passed_over = self._example(int(self.indices[position]),
+                                                 position // self.num_examples)
+            examples.append(example)
+            bad += passed_over
+        stacked = {key: np.stack([example[key] for example in examples])
+                   for key in examples[0]}
+        if self.skip_bad:
+            stacked[BAD_EXAMPLES_KEY] = np.int64(bad)
+        return stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +163,20 @@ class _LoadEvalExample:
     process_count: int
     num_local: int
     padding: Mapping[str, np.ndarray]
+    skip_bad: bool = False  # config.data.on_bad_example == "skip": a bad example is masked out
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
         if position >= self.num_local:
             return {**self.padding, "mask": np.float32(0.0)}
         index = self.process_index + position * self.process_count
-        return {**self.prepare(self.source[index], None), "mask": np.float32(1.0)}
+        try:
+            return {**self.prepare(self.source[index], None), "mask": np.float32(1.0)}
+        except (ValueError, OSError) as error:
+            if not self.skip_bad:
+                raise
+            logging.warning("config.data.on_bad_example='skip': eval example %d left out: %s",
+                            index, " ".join(str(error).split()))
+            return {**self.padding, "mask": np.float32(0.0)}
 
 
 def _process_share(num_examples: int, process_index: int, process_count: int):
@@ -172,7 +214,8 @@ def _local_train_batches(config, task: Task, *, process_index: int, process_coun
                            seed=int(config.seed), num_examples=len(source),
                            global_batch=int(config.batch_size),
                            local_batch=int(config.batch_size) // process_count,
-                           process_index=process_index)
+                           process_index=process_index,
+                           skip_bad=config.data.on_bad_example == "skip")
     return grain.MapDataset.range(sys.maxsize).map(load)
 
 
@@ -195,7 +238,8 @@ def _local_eval_batches(config, task: Task, *, process_index: int, process_count
                task.example_spec(config).items()}
     load = _LoadEvalExample(source=source, prepare=task.make_preparer(config),
                             process_index=process_index, process_count=process_count,
-                            num_local=num_local, padding=padding)
+                            num_local=num_local, padding=padding,
+                            skip_bad=config.data.on_bad_example == "skip")
     return grain.MapDataset.range(num_batches * local_batch).map(load).batch(local_batch)
 
 
@@ -271,6 +315,8 @@ class TrainIterator:
         self._global_batch = int(config.batch_size)
         self._next_batch = 0
         self._grain_iterator = None
+        # Train examples replaced under config.data.on_bad_example="skip", this process.
+        self.bad_examples = 0
 
     @property
     def grain_iterator(self):
@@ -289,13 +335,15 @@ class TrainIterator:
         local = _next_batch(self.grain_iterator,
                             f"training data (config.data.train_split, batch {self._next_batch})")
         self._next_batch += 1
+        self.bad_examples += int(local.pop(BAD_EXAMPLES_KEY, 0))
         return local
 
     def __next__(self) -> dict[str, jax.Array]:
         return _to_global(self.next_local(), self._data_sharding, self._global_batch)
 
     def get_state(self) -> dict:
-        return {"next_batch": self._next_batch, "batch_size": self._global_batch}
+        return {"next_batch": self._next_batch, "batch_size": self._global_batch,
+                "bad_examples": self.bad_examples}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or "next_batch" not in state:
@@ -311,6 +359,7 @@ class TrainIterator:
             raise ValueError(f"TrainIterator.set_state: next_batch={next_batch} must be >= 0")
         self.close()
         self._next_batch = next_batch
+        self.bad_examples = int(state.get("bad_examples", 0))
 
     def close(self) -> None:
         """Stops worker processes, if any (grain also does on garbage collection)."""

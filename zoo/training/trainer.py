@@ -299,6 +299,8 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
                 record = {f"train/{k}": v for k, v in values.items()}
                 record["perf/steps_per_sec"] = 1.0 / seconds_per_step
                 record["perf/examples_per_sec"] = config.batch_size / seconds_per_step
+                if config.data.on_bad_example == "skip":  # this process's count, cumulative
+                    record["data/bad_examples"] = train_iter.bad_examples
                 if flops_per_device:
                     achieved = flops_per_device / seconds_per_step
                     record["perf/tflops_per_device"] = achieved / 1e12
