@@ -13,6 +13,7 @@ refuse to write that step number again.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -74,6 +75,8 @@ class Checkpointer:
                 self.directory, item_names=(STATE, DATA_ITER), options=options,
                 item_handlers={STATE: ocp.StandardCheckpointHandler(),
                                DATA_ITER: grain.checkpoint.CheckpointHandler()})
+        self._in_flight: int | None = None  # step of the last save started
+        self._failed: CheckpointError | None = None  # a write that failed
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -83,11 +86,51 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iterator) -> None:
         """Starts writing `state` and the position of `data_iterator` (anything with
-        get_state() -> JSON-able dict) as checkpoint `step`."""
+        get_state() -> JSON-able dict) as checkpoint `step`.
+
+        A write that fails (a full disk, a lost mount) raises CheckpointError naming the step,
+        the reason and the checkpoints that are intact, here or, for an asynchronous save, from
+        the next save/wait/close. Orbax writes into a temporary folder and renames it on
+        success, so a failed write never damages an earlier checkpoint."""
+        self._raise_if_failed()
+        # Orbax finishes the previous asynchronous save before starting this one anyway;
+        # waiting here first attributes a failure to the step that failed.
+        self._finish_in_flight()
         snapshot = _IteratorSnapshot(data_iterator.get_state())
-        self.manager.save(step, args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardSave(state),
-                DATA_ITER: grain.checkpoint.CheckpointSave(snapshot)}), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**{
+                    STATE: ocp.args.StandardSave(state),
+                    DATA_ITER: grain.checkpoint.CheckpointSave(snapshot)}), force=True)
+        except Exception as error:  # noqa: BLE001  (any write failure, named with its step)
+            self._failed = self._write_error(step, error)
+            raise self._failed from error
+        self._in_flight = step
+
+    def _write_error(self, step: int | None, error: BaseException) -> CheckpointError:
+        text = " ".join(str(error).split())
+        reason = ("the disk is full (No space left on device)" if "No space left" in text
+                  or getattr(error, "errno", None) == errno.ENOSPC
+                  else f"{type(error).__name__}: {text[:300]}")
+        try:
+            intact = [s for s in self.all_steps() if s != step]
+        except Exception:  # noqa: BLE001  (listing may fail on the same broken disk)
+            intact = []
+        resume = f"step {intact[-1]}" if intact else "scratch"
+        return CheckpointError(
+                f"could not write the checkpoint of step {step} to {self.directory}: {reason}. "
+                f"The checkpoints already there ({intact or 'none'}) are untouched; fix the "
+                f"cause and run the same command to resume from {resume}")
+
+    def _raise_if_failed(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    def _finish_in_flight(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001  (an asynchronous write that failed)
+            self._failed = self._write_error(self._in_flight, error)
+            raise self._failed from error
 
     def restore_latest(self, target, data_iterator) -> tuple[int, Any] | None:
         """Restores the newest readable checkpoint onto `target`'s shardings.
@@ -148,11 +191,21 @@ class Checkpointer:
         return bool(self.manager.reached_preemption(step))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._raise_if_failed()
+        self._finish_in_flight()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the save in flight and releases orbax; after a failed write it only
+        releases (the error has been raised already)."""
+        try:
+            if self._failed is None:
+                self._finish_in_flight()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001
+                if self._failed is None:
+                    raise
 
 
 def describe_failures(failed: list[tuple[int, BaseException]]) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -43,10 +44,18 @@ _MODEL_OVERRIDES: dict[str, Any] = {}
 
 
 def fail(message: str, error: BaseException | None = None) -> None:
-    """One line on stderr (the traceback too under --verbose), exit status 2."""
-    if error is not None and "--verbose" in sys.argv:
+    """One line on stderr (the traceback too under --verbose), exit status 2.
+
+    The line stays the last one: without --verbose, what libraries would still print while the
+    interpreter shuts down (asyncio's "Task exception was never retrieved" for an orbax write
+    that failed, "Exception ignored in" coroutine notes) is dropped, as it repeats the error."""
+    verbose = "--verbose" in sys.argv
+    if error is not None and verbose:
         traceback.print_exception(error)
     print(" ".join(str(message).split()), file=sys.stderr, flush=True)
+    if not verbose:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+        sys.unraisablehook = lambda _unraisable: None
     sys.exit(USAGE_EXIT)
 
 

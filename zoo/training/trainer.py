@@ -333,10 +333,12 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
     finally:
         if profiling:
             jax.profiler.stop_trace()
-        checkpointer.close()  # waits for async saves; a diverged run keeps its last good one
-        writer.close()
-        train_iter.close()  # stops grain's worker processes (and frees their shared memory)
-        preemption.restore()
+        try:
+            checkpointer.close()  # waits for async saves; a diverged run keeps its last good one
+        finally:
+            writer.close()
+            train_iter.close()  # stops grain's worker processes (and frees their shared memory)
+            preemption.restore()
 
     # ------------------------------------------------------------------------------------------
     # Summary: compile time, step time, FLOP throughput and MFU.
