@@ -216,18 +216,41 @@ def test_sigterm_then_kill_then_resume_is_bit_identical(reference_run, run_env, 
     _assert_same_run(workdir, reference)
 
 
+def _read_proc(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except (FileNotFoundError, ProcessLookupError):  # a thread or process that just ended
+        return b""
+
+
+def _grain_workers(pid: int) -> list[int]:
+    """The grain worker processes (multiprocessing spawn children) of process `pid`."""
+    # Each thread lists the children it started (grain starts them from a helper thread).
+    children = [c for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in _read_proc(f"{task}/children").split()]
+    return [int(c) for c in children if b"spawn_main" in _read_proc(f"/proc/{int(c)}/cmdline")]
+
+
 def test_kill_and_resume_with_worker_processes_is_bit_identical(reference_run, run_env,
                                                                  tmp_path):
+    """kill -9 of the whole run, then, in the resumed run, kill -9 of one grain worker: the
+    workers restart at the same batch and the run ends exactly as the uninterrupted one."""
     reference = reference_run[0]
     workdir = tmp_path / "run"
     command = _train_command(workdir, "--config.data.worker_count=2")
     process = _start(command, run_env())
-    _wait_for_checkpoint(process, workdir, after=0)
+    first = _wait_for_checkpoint(process, workdir, after=0)
     _kill_group(process)
     assert _steps(workdir)[-1] < TOTAL_STEPS
     # The resumed run also writes a profiler trace (which must not change any number).
-    result = _run(command + ["--profile_steps=38,39"], run_env())
-    assert result.returncode == 0, result.stderr[-3000:]
+    process = _start(command + ["--profile_steps=38,39"], run_env())
+    _wait_for_checkpoint(process, workdir, after=first)
+    workers = _grain_workers(process.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    rc, _, err = _finish(process)
+    assert rc == 0, err[-3000:]
+    assert "restarting the data workers at this batch (1 of at most 3 restarts)" in err
     assert list((workdir / "profile").rglob("*.xplane.pb"))
     _assert_same_run(workdir, reference)
 

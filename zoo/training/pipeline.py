@@ -40,6 +40,8 @@ ON_BAD_EXAMPLE = ("fail", "skip")
 MAX_REPLACEMENTS = 16
 # Key of the per-batch count of replaced examples, taken out before the batch leaves the host.
 BAD_EXAMPLES_KEY = "__bad_examples__"
+# Restarts of dead grain worker processes a train run tolerates.
+MAX_WORKER_RESTARTS = 3
 
 
 # ================================================================================================
@@ -253,13 +255,23 @@ def _allow_worker_processes_without_absl_main() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+class _WorkerDied(RuntimeError):
+    """A grain worker process ended without being asked to (killed, out of memory)."""
+
+
 def _next_batch(iterator, what: str) -> dict[str, np.ndarray]:
     """next(iterator), with a bad example (ValueError/OSError raised while reading or preparing
-    it, in this process or a grain worker) turned into a one-line DataError."""
+    it, in this process or a grain worker) turned into a one-line DataError and a dead worker
+    process into _WorkerDied."""
     try:
         return next(iterator)
     except (ValueError, OSError) as error:
         raise DataError(f"{what}: {' '.join(str(error).split())}") from None
+    except RuntimeError as error:
+        if "Worker process was terminated" in str(error):
+            raise _WorkerDied(" ".join(str(error).split()).split(" Search the logs")[0]) \
+                from None
+        raise
 
 
 def _iterate(batches, config):
@@ -317,6 +329,7 @@ class TrainIterator:
         self._grain_iterator = None
         # Train examples replaced under config.data.on_bad_example="skip", this process.
         self.bad_examples = 0
+        self.worker_restarts = 0
 
     @property
     def grain_iterator(self):
@@ -331,9 +344,28 @@ class TrainIterator:
         return self
 
     def next_local(self) -> dict[str, np.ndarray]:
-        """This process's share of the next batch, as numpy arrays."""
-        local = _next_batch(self.grain_iterator,
-                            f"training data (config.data.train_split, batch {self._next_batch})")
+        """This process's share of the next batch, as numpy arrays.
+
+        A grain worker process that dies (killed, out of memory) costs a restart of the workers
+        at the same batch, not the run: batches are a function of their index, so the restarted
+        pipeline yields exactly what the old one would have. After MAX_WORKER_RESTARTS in one
+        run it is a DataError."""
+        what = f"training data (config.data.train_split, batch {self._next_batch})"
+        while True:
+            try:
+                local = _next_batch(self.grain_iterator, what)
+                break
+            except _WorkerDied as error:
+                self.close()
+                self.worker_restarts += 1
+                if self.worker_restarts > MAX_WORKER_RESTARTS:
+                    raise DataError(f"{what}: {error}; the data workers were restarted "
+                                    f"{MAX_WORKER_RESTARTS} times already, giving up (lower "
+                                    f"config.data.worker_count or worker_buffer_size if they "
+                                    f"run out of memory)") from None
+                logging.warning("%s: %s; restarting the data workers at this batch (%d of at "
+                                "most %d restarts)", what, error, self.worker_restarts,
+                                MAX_WORKER_RESTARTS)
         self._next_batch += 1
         self.bad_examples += int(local.pop(BAD_EXAMPLES_KEY, 0))
         return local
@@ -396,6 +428,10 @@ def _eval_batches(batches, config, data_sharding) -> Iterator[dict[str, jax.Arra
                                               f"{index})")
             except StopIteration:
                 return
+            except _WorkerDied as error:
+                raise DataError(f"eval data (config.data.eval_split, batch {index}): {error} "
+                                f"(run eval again; lower config.data.worker_count if the "
+                                f"workers run out of memory)") from None
             yield _to_global(local, data_sharding, int(config.eval.batch_size))
     finally:
         iterator.close()
