@@ -216,6 +216,41 @@ def test_sigterm_then_kill_then_resume_is_bit_identical(reference_run, run_env, 
     _assert_same_run(workdir, reference)
 
 
+def _saving(workdir) -> bool:
+    """True while orbax is writing a checkpoint (its temporary folder exists)."""
+    return any(p.name.endswith(".orbax-checkpoint-tmp")
+               for p in (Path(workdir) / "checkpoints").glob("*"))
+
+
+def test_kill_9_at_random_moments_and_mid_save_then_resume_is_bit_identical(
+        reference_run, run_env, tmp_path):
+    """Three kill -9s: two while a checkpoint is being written (its temporary folder exists),
+    one at a random moment between steps; the run then finishes and equals the uninterrupted
+    one exactly: no half-written checkpoint is ever restored."""
+    reference = reference_run[0]
+    workdir = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    mid_save_kills = 0
+    for moment in ("mid_save", "random", "mid_save"):
+        process = _start(_train_command(workdir), run_env())
+        before = _steps(workdir)[-1] if _steps(workdir) else 0
+        deadline = time.monotonic() + TIMEOUT
+        if moment == "mid_save":
+            while not _saving(workdir) and process.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.002)
+            mid_save_kills += _saving(workdir)
+        else:
+            _wait_for_checkpoint(process, workdir, after=before)
+            time.sleep(float(rng.uniform(0.0, 1.0)))
+        assert process.poll() is None, "the run ended before it could be killed"
+        _kill_group(process)
+    assert mid_save_kills >= 1  # at least one kill landed inside a save
+    result = _run(_train_command(workdir), run_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(workdir, reference)
+
+
 def _read_proc(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
