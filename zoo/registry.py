@@ -12,6 +12,7 @@ import fnmatch
 import functools
 import importlib
 import inspect
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -135,7 +136,25 @@ def _entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+# module -> (registered name, builder keyword arguments): what zoo.save_pretrained writes in
+# the card. Weak, so the registry never keeps a model alive.
+_ORIGINS: "weakref.WeakKeyDictionary[nnx.Module, tuple[str, dict]]" = (
+        weakref.WeakKeyDictionary())
+
+
+def remember(model: nnx.Module, name: str, overrides: Mapping[str, Any]) -> nnx.Module:
+    """Records that registered model `name` with builder arguments `overrides` is `model`."""
+    _ORIGINS[model] = (name, dict(overrides))
+    return model
+
+
+def origin(model: nnx.Module) -> tuple[str, dict] | None:
+    """(registered name, builder arguments) of a module built through the registry."""
+    return _ORIGINS.get(model)
+
+
 def create_model(name: str, *, rngs: nnx.Rngs | None = None, abstract: bool = False,
+                 pretrained: str | None = None, source: str | None = None,
                  **overrides) -> nnx.Module:
     """Builds registered model `name`.
 
@@ -145,16 +164,30 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, abstract: bool = Fa
         abstract: build shapes only (`nnx.eval_shape`): parameters are `jax.ShapeDtypeStruct`s
             carrying their logical axis names, nothing is allocated. Used for param counts,
             sharding plans and restoring checkpoints.
+        pretrained: weights to load (zoo/pretrained.py): a `zoo.save_pretrained` folder, or a
+            timm / Hugging Face / official checkpoint file (.safetensors, .pth/.bin, .npz) that
+            the model's registered converter reads; nothing in a file is ever executed.
+        source: which converter reads a checkpoint file, when the model has several
+            (`weights_from` in its card).
         **overrides: passed to the builder (width, depth, num_classes, dtype, ...).
     """
     entry = _entry(name)
+    if pretrained is not None:
+        if abstract:
+            raise ValueError("create_model: abstract=True builds shapes only; it cannot load "
+                             "pretrained= weights")
+        from zoo import pretrained as pretrained_lib
+        return pretrained_lib.from_pretrained(name, pretrained, source=source, rngs=rngs,
+                                              **overrides)
+    if source is not None:
+        raise ValueError("create_model: source= only applies with pretrained=")
     if rngs is None:
         rngs = nnx.Rngs(0)
     if abstract:
         # rngs goes in as an argument: nnx.eval_shape traces it, a closure would mutate it
         # from another trace level.
         return nnx.eval_shape(lambda r: entry.builder(rngs=r, **overrides), rngs)
-    return entry.builder(rngs=rngs, **overrides)
+    return remember(entry.builder(rngs=rngs, **overrides), name, overrides)
 
 
 def list_models(pattern: str = "*") -> list[str]:

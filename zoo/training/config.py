@@ -1,7 +1,7 @@
 """Config validation: every mistake a run config can make is reported as one line before any
 device work or compilation starts.
 
-The schema is `configs.common.base_config(config.task)`: the shared fields plus the subtree
+The schema is `zoo.training.schema.base_config(config.task)`: the shared fields plus the subtree
 of the config's task (`config.lm`, `config.views`, ...; an unregistered task is reported
 first). A key it does not have is a typo (a subtree of another task included), a value of
 another type is a mistake (the only free-form subtree is `model.overrides`, which the model
@@ -22,7 +22,7 @@ from kernels_pallas import context_parallel
 from kernels_pallas.api import IMPLS
 from kernels_pallas.sharding import ACTIVATION_AXES
 from zoo.axes import LOGICAL_AXES
-from zoo.training import ema, init_from, mixup, optim, pipeline, tasks
+from zoo.training import ema, init_from, mixup, optim, pipeline, schema, tasks
 from zoo.training.errors import ConfigError
 from zoo.training.mesh import resolve_mesh_shape
 
@@ -77,7 +77,7 @@ def check_schema(config: ml_collections.ConfigDict, reference: ml_collections.Co
     missing = sorted(set(reference.keys()) - set(config.keys()))
     if missing:
         raise ConfigError(f"config.{prefix}{missing[0]} is missing (the schema in "
-                          f"configs/common.py requires it)")
+                          f"zoo/training/schema.py requires it)")
 
 
 def _get(config, path: str) -> Any:
@@ -218,15 +218,15 @@ def _check_model(c) -> None:
                           f"{dict(c.model.overrides)} cannot be built: {detail}") from None
 
 
-def _schema(config, common) -> ml_collections.ConfigDict:
-    """The schema of `config`'s task: `common.base_config(config.task)`. An unregistered task
+def _schema(config) -> ml_collections.ConfigDict:
+    """The schema of `config`'s task: `schema.base_config(config.task)`. An unregistered task
     is a ConfigError here; a missing or non-string task falls back to the default schema, which
     check_schema then reports as missing or of the wrong type."""
     task = config.get("task")
     if not isinstance(task, str):
-        return common.base_config()
+        return schema.base_config()
     tasks.task_class(task)  # the one-line "is not a registered task" error
-    return common.base_config(task)
+    return schema.base_config(task)
 
 
 def validate_config(config, *, num_devices: int, num_processes: int = 1,
@@ -236,10 +236,7 @@ def validate_config(config, *, num_devices: int, num_processes: int = 1,
     `training=False` (eval.py) skips the train-batch divisibility checks, which concern the
     mesh the run was trained on, not the devices evaluating it.
     """
-    # The schema lives with the config files (repo root), which the installed package lacks.
-    from configs import common
-
-    check_schema(config, _schema(config, common))
+    check_schema(config, _schema(config))
     _check_values(config)
     mesh_shape = _check_mesh(config, num_devices)
     _check_batch(config, mesh_shape, num_processes, training=training)

@@ -100,7 +100,7 @@ class Task:
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict | None:
         """The fields of config.<config_key> with their defaults (documented inline, like
-        configs/common.py), or None for a task without a subtree."""
+        zoo/training/schema.py), or None for a task without a subtree."""
         return None
 
     def __init__(self, config):
