@@ -235,6 +235,12 @@ class LoadedRun(NamedTuple):
     config: ml_collections.ConfigDict
     step: int
 
+    def evaluate(self) -> dict:
+        """The run's eval metrics for this model, computed as eval.py computes them (same eval
+        mesh of the local devices, batches and metrics)."""
+        from zoo.training.evaluate import evaluate_model
+        return evaluate_model(self.config, self.model)
+
 
 def load(workdir: str, step: int | None = None, *, ema: bool | None = None) -> LoadedRun:
     """The model of a train.py run at `step` (default: the newest checkpoint), its config and

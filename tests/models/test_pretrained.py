@@ -141,5 +141,10 @@ def test_load_restores_a_training_run_and_its_ema(tmp_path):
     again = zoo.create_model("vit_ti16", pretrained=folder)
     np.testing.assert_array_equal(np.asarray(again(images, train=False)),
                                   np.asarray(run.model(images, train=False)))
+    # The loaded models give eval.py's metrics (the raw model and its EMA).
+    from zoo.training.evaluate import evaluate_checkpoint
+    expected = evaluate_checkpoint(tiny_config(**{"ema.decay": 0.5}), str(tmp_path), None)
+    assert plain.evaluate() == {k: v for k, v in expected.items() if k not in ("step", "ema")}
+    assert run.evaluate() == expected["ema"]
     with pytest.raises(FileNotFoundError, match="is not the workdir of a train.py run"):
         zoo.load(str(tmp_path / "nowhere"))

@@ -13,6 +13,7 @@ import math
 import os
 
 import jax
+import ml_collections
 from absl import logging
 from jax.sharding import SingleDeviceSharding
 
@@ -26,44 +27,68 @@ from zoo.training import step as step_lib
 from zoo.training import tasks
 
 
-def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
-    # --- devices: a mesh of the local devices over the first data axis --------------------
+def _eval_mesh(config):
+    """(config with an eval mesh of the local devices over the first data axis, the mesh).
+    The number of devices is the largest that divides config.eval.batch_size."""
+    config = ml_collections.ConfigDict(config.to_dict())
     num_devices = math.gcd(jax.local_device_count(), config.eval.batch_size)
     axes = tuple(config.mesh_axes)
     config.mesh_shape = tuple(num_devices if a == config.data_axes[0] else 1 for a in axes)
     config_lib.validate_config(config, num_devices=num_devices, num_processes=1,
                                training=False)
-    mesh = mesh_lib.make_mesh(config, devices=jax.local_devices()[:num_devices])
-    data_sharding = mesh_lib.batch_sharding(mesh, config.data_axes)
+    return config, mesh_lib.make_mesh(config, devices=jax.local_devices()[:num_devices])
 
+
+class _EvalPass:
+    """One pass over the eval split for model states laid out on the eval mesh."""
+
+    def __init__(self, config, mesh):
+        self.config, self.mesh = config, mesh
+        self.task = tasks.get_task(config)
+        self.skeleton = state_lib.ModelSkeleton(config)
+        self.data_sharding = mesh_lib.batch_sharding(mesh, config.data_axes)
+        self.model_shardings = mesh_lib.param_shardings(self.skeleton.abstract_state, mesh,
+                                                        config.logical_axis_rules)
+        self.eval_step = step_lib.make_eval_step(
+                skeleton=self.skeleton, task=self.task, mesh=mesh,
+                model_shardings=self.model_shardings, data_sharding=self.data_sharding,
+                rules=mesh_lib.activation_rules(config),
+                context_parallel=mesh_lib.context_parallel_options(config))
+
+    def target(self):
+        return state_lib.with_shardings(self.skeleton.abstract_pure(), self.model_shardings)
+
+    def __call__(self, model_state) -> dict:
+        batches = pipeline.make_eval_iterator(self.config, self.task, self.mesh,
+                                              self.data_sharding)
+        return step_lib.run_eval(self.eval_step, model_state, batches, self.task)
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
+    config, mesh = _eval_mesh(config)
+    evaluate = _EvalPass(config, mesh)
     # --- model variables only, restored onto this mesh -------------------------------------
-    task = tasks.get_task(config)
-    skeleton = state_lib.ModelSkeleton(config)
-    model_shardings = mesh_lib.param_shardings(skeleton.abstract_state, mesh,
-                                               config.logical_axis_rules)
-    target = state_lib.with_shardings(skeleton.abstract_pure(), model_shardings)
+    target = evaluate.target()
     step, model_state = ckpt_lib.restore_model_only(os.path.join(workdir, "checkpoints"),
                                                     target, step)
     logging.info("restored the model of step %d onto %s", step, dict(mesh.shape))
-
-    # --- one pass over the eval split -------------------------------------------------------
-    eval_step = step_lib.make_eval_step(skeleton=skeleton, task=task, mesh=mesh,
-                                        model_shardings=model_shardings,
-                                        data_sharding=data_sharding,
-                                        rules=mesh_lib.activation_rules(config),
-                                        context_parallel=mesh_lib.context_parallel_options(
-                                                config))
-    batches = pipeline.make_eval_iterator(config, task, mesh, data_sharding)
-    metrics = step_lib.run_eval(eval_step, model_state, batches, task)
-    result = {"step": int(step), **metrics}
+    result = {"step": int(step), **evaluate(model_state)}
     if ema_lib.enabled(config):  # the run kept an average of the weights: evaluate it too
         _, ema_state = ckpt_lib.restore_model_only(os.path.join(workdir, "checkpoints"),
                                                    target, step, subtree="ema")
-        batches = pipeline.make_eval_iterator(config, task, mesh, data_sharding)
-        result["ema"] = step_lib.run_eval(eval_step, ema_state, batches, task)
+        result["ema"] = evaluate(ema_state)
     with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
         json.dump(result, f)
     return result
+
+
+def evaluate_model(config, model) -> dict:
+    """The eval metrics of `model` (a module of config.model.name) on config.data.eval_split,
+    computed exactly as evaluate_checkpoint does (same eval mesh, step and batches)."""
+    config, mesh = _eval_mesh(config)
+    evaluate = _EvalPass(config, mesh)
+    state = jax.device_put(evaluate.skeleton.state_of(model), evaluate.model_shardings)
+    return evaluate(state)
 
 
 def load_model(config, workdir: str, step: int | None):
