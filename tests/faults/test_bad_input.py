@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from configs import vit as vit_configs
+from training_helpers import apply_changes
 from zoo.training import trainer
 from zoo.training.errors import CheckpointError, DataError
 from zoo.training.evaluate import evaluate_checkpoint
@@ -123,13 +124,7 @@ def _tiny(**changes) -> ml_collections.ConfigDict:
     c.eval.num_batches = 1
     c.async_checkpointing = False
     c.logging.progress_bar = c.logging.tensorboard = False
-    for key, value in changes.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for name in parents:
-            target = target[name]
-        target[leaf] = value
-    return c
+    return apply_changes(c, changes)
 
 
 def test_unreadable_checkpoints_are_named_and_never_overwritten(tmp_path):
