@@ -12,18 +12,7 @@ largest that divides config.eval.batch_size. Single-process only.
 """
 from __future__ import annotations
 
-import json
-
-
-from zoo.training import cli
-from zoo.training.evaluate import evaluate_checkpoint
-
-_RUN = cli.define_run_flags(lock_config=False, step=True)
-
-
-def _evaluate(config, workdir: str, step: int | None) -> None:
-    print(json.dumps(evaluate_checkpoint(config, workdir, step)), flush=True)
-
+from zoo.training import eval_main
 
 if __name__ == "__main__":
-    cli.run(cli.main(_RUN, _evaluate))
+    eval_main.run()
