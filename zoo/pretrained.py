@@ -169,10 +169,9 @@ def _assign_by_path(model: nnx.Module, arrays: Mapping[str, np.ndarray], where: 
         problems.append(f"{len(wrong)} of another shape {wrong[:5]}")
     if problems:
         raise ValueError(f"{where} does not fit this model: " + "; ".join(problems))
-    for name, path in ours.items():
+    for name, path in ours.items():  # the state's Variables are the model's own
         variable = flat[path]
         variable.set_value(jax.numpy.asarray(arrays[name], dtype=variable.dtype))
-    nnx.update(model, state)
 
 
 def _from_artifact(name: str, directory: str, rngs, overrides: dict) -> nnx.Module:
@@ -273,10 +272,4 @@ def load(workdir: str, step: int | None = None, *, ema: bool | None = None) -> L
     return LoadedRun(remember(model, config.model.name, model_kwargs(config)), config, step)
 
 
-def flat_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
-    """'/'-joined variable path -> host array (what save_pretrained writes)."""
-    return _flat_variables(model)
-
-
-__all__ = ["save_pretrained", "from_pretrained", "load", "LoadedRun", "read_card",
-           "flat_arrays"]
+__all__ = ["save_pretrained", "from_pretrained", "load", "LoadedRun", "read_card"]

@@ -34,6 +34,7 @@ from flax import nnx, traverse_util
 
 from zoo import registry, weight_files
 from zoo.converters import common as converter_common
+from zoo.training import optim
 
 ZOO_SOURCE = "zoo"
 
@@ -43,14 +44,7 @@ def enabled(config) -> bool:
 
 
 def _dont_load(config) -> list[re.Pattern]:
-    patterns = []
-    for pattern in config.init_from.dont_load:
-        try:
-            patterns.append(re.compile(pattern))
-        except (re.error, TypeError) as error:
-            raise ValueError(f"config.init_from.dont_load entry {pattern!r} is not a valid "
-                             f"regex ({error})") from None
-    return patterns
+    return optim.compile_patterns(config.init_from.dont_load, "init_from.dont_load")
 
 
 def validate(config) -> None:

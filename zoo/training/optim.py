@@ -62,13 +62,16 @@ def param_path(key_path) -> str:
     return "/".join(names)
 
 
-def _compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
+def compile_patterns(patterns: Sequence[str],
+                     field: str = "optimizer.no_decay") -> list[re.Pattern]:
+    """The regexes of config field `field`; a ValueError naming the field and the entry for
+    one that does not compile."""
     compiled = []
     for pattern in patterns:
         try:
             compiled.append(re.compile(pattern))
         except (re.error, TypeError) as error:
-            raise ValueError(f"config.optimizer.no_decay entry {pattern!r} is not a valid regex: "
+            raise ValueError(f"config.{field} entry {pattern!r} is not a valid regex: "
                              f"{error}") from None
     return compiled
 
@@ -76,7 +79,7 @@ def _compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
 def weight_decay_mask(params: Any, no_decay: Sequence[str]) -> Any:
     """Tree of bools like `params` (True = decayed). Leaves may be arrays, ShapeDtypeStructs or
     nnx Variables; the mask has a bool where `params` has a Variable."""
-    patterns = _compile_patterns(no_decay)
+    patterns = compile_patterns(no_decay)
 
     def decide(key_path, leaf) -> bool:
         shape = getattr(leaf, "shape", None)
@@ -231,7 +234,7 @@ def validate_optimizer_config(config) -> None:
     o = config.optimizer
     _check_settings(_Settings(o, config.schedule, config.total_steps), "optimizer.")
     _check_range("grad_clip_norm", float(o.grad_clip_norm), 0.0, math.inf)
-    _compile_patterns(o.no_decay)
+    compile_patterns(o.no_decay)
     for name, _, group in _groups(config):
         if not _field(group, "freeze", False):
             _check_settings(_group_settings(config, name), f"optimizer.groups.{name}.")

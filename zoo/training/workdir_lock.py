@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Iterator
 
+import jax
+import numpy as np
 from absl import logging
 
 from zoo.training.errors import ConfigError
@@ -92,9 +94,7 @@ def _acquire(path: str) -> None:
 def _agree(error: ConfigError | None, workdir: str) -> None:
     """Every process of a multi-process run learns process 0's verdict (a collective: all
     processes call it at the same point), so none trains on while process 0 refused."""
-    import jax
     if jax.process_count() > 1:
-        import numpy as np
         from jax.experimental import multihost_utils
         granted = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
         if not granted and error is None:
@@ -108,7 +108,6 @@ def _agree(error: ConfigError | None, workdir: str) -> None:
 def hold(workdir: str) -> Iterator[None]:
     """Owns `workdir` for the duration: process 0 takes the lock, every process learns whether
     it got it. Raises ConfigError (in every process) when another live run owns it."""
-    import jax
     if jax.process_index() != 0:
         _agree(None, workdir)
         yield
