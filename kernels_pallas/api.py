@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import context_parallel, sharding
+from kernels_pallas.reference import attention_weights as reference_attention_weights
 from kernels_pallas.reference import (attention_reference, chunk_causal_bias,
                                       reference_backward, reference_forward)
 
@@ -232,6 +233,30 @@ def attention(q, k, v, bias=None, *, causal: bool = False, scale: float | None =
             (_QKV_NAMES, _QKV_NAMES, _QKV_NAMES, _BIAS_NAMES, _LENGTHS_NAMES, _LENGTHS_NAMES,
              _SEGMENT_NAMES, _SEGMENT_NAMES),
             _QKV_NAMES, what="attention")
+
+
+def attention_weights(q, k, bias=None, *, causal: bool = False, scale: float | None = None,
+                      q_lengths=None, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
+                      logits: str = "softmax", sigmoid_bias: float | None = None,
+                      causal_chunk: int | None = None):
+    """[B, H, Tq, Tk] float32 weights that `attention(q, k, v, ...)` with the same arguments
+    applies to its values (softmax probabilities, or the sigmoid weights; 0 where masked).
+
+    For inspection (`zoo.capture_attention`): always the pure-jnp reference, whatever kernel
+    the model's attention runs, and O(Tq * Tk) memory. Arguments are validated as `attention`
+    validates them."""
+    args = normalise_arguments(q, k, k, bias, causal=causal, scale=scale, q_lengths=q_lengths,
+                               kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids, logits=logits,
+                               sigmoid_bias=sigmoid_bias, impl="xla", block_q=None,
+                               block_k=None)
+    (q, k, _, bias, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids), options = args
+    causal_chunk = _causal_chunk(causal_chunk, options["causal"], q.shape[1], k.shape[1])
+    if causal_chunk is not None:
+        bias, options = _as_bias(bias, options, causal_chunk, q.shape[1])
+    return reference_attention_weights(
+            q, k, bias, q_lengths=q_lengths, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids, **_reference_options(options))
 
 
 # Context parallelism: q/k/v, segment ids and the output split along the sequence as well.

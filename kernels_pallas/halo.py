@@ -297,6 +297,42 @@ def halo_attention_reference(q, k, v, rel_h, rel_w, *, block: int, halo: int, st
                            scale_relative=bool(scale_relative))
 
 
+def halo_attention_weights(q, k, rel_h, rel_w, *, block: int, halo: int, stride: int = 1,
+                           scale: float | None = None, scale_relative: bool = False,
+                           avg_down: bool = False):
+    """Softmax weights of `halo_attention` with the same arguments (no values needed):
+    float32 [B, blocks_h, blocks_w, heads, query_block**2, window**2], where query_block =
+    block / query stride and window = block + 2 * halo; queries and keys in raster order within
+    their block and window. For inspection (`zoo.capture_attention`): the reference, always."""
+    options = check_halo_arguments(q, k, k, rel_h, rel_w, block=block, halo=halo, stride=stride,
+                                   scale=scale, avg_down=avg_down)
+    return _halo_weights(q, k, rel_h, rel_w, block=options["block"], halo=options["halo"],
+                         q_stride=options["q_stride"], scale=options["scale"],
+                         scale_relative=bool(scale_relative))
+
+
+def _halo_weights(q, k, rel_h, rel_w, *, block, halo, q_stride, scale, scale_relative):
+    batch, height, width, heads, _ = k.shape
+    win = block + 2 * halo
+    query_block = block // q_stride
+    blocks_h, blocks_w = height // block, width // block
+    f32 = jnp.float32
+    # Layout [B, block row, block column, head, position in block/window, channel]: every
+    # product below is then a plain batched matmul.
+    queries = q.astype(f32).reshape(batch, blocks_h, query_block, blocks_w, query_block, heads,
+                                    -1).transpose(0, 1, 3, 5, 2, 4, 6)
+    queries = queries.reshape(batch, blocks_h, blocks_w, heads, query_block * query_block, -1)
+    keys = _windows(k.astype(f32), block, halo)
+    content = jnp.einsum("...qd,...kd->...qk", queries, keys, precision=_HIGHEST)
+    relative = _relative_logits(queries, rel_h.astype(f32), rel_w.astype(f32), query_block,
+                                win)
+    if scale_relative:
+        logits = (content + relative) * scale
+    else:
+        logits = content * scale + relative
+    return jax.nn.softmax(logits, axis=-1)
+
+
 # Jitted so that eager (un-jitted) model calls compile the whole computation once per shape
 # instead of once per primitive; inside an outer jit it is simply inlined.
 @functools.partial(jax.jit, static_argnames=("block", "halo", "stride", "q_stride", "scale",
@@ -305,26 +341,11 @@ def _reference_core(q, k, v, rel_h, rel_w, *, block, halo, stride, q_stride, sca
                     scale_relative):
     batch, height, width, heads, _ = k.shape
     value_dim = v.shape[-1]
-    win = block + 2 * halo
     query_block = block // q_stride
     blocks_h, blocks_w = height // block, width // block
-
-    f32 = jnp.float32
-    # Layout [B, block row, block column, head, position in block/window, channel]: every
-    # product below is then a plain batched matmul.
-    queries = q.astype(f32).reshape(batch, blocks_h, query_block, blocks_w, query_block, heads,
-                                    -1).transpose(0, 1, 3, 5, 2, 4, 6)
-    queries = queries.reshape(batch, blocks_h, blocks_w, heads, query_block * query_block, -1)
-    keys = _windows(k.astype(f32), block, halo)
-    values = _windows(v.astype(f32), block, halo)
-    content = jnp.einsum("...qd,...kd->...qk", queries, keys, precision=_HIGHEST)
-    relative = _relative_logits(queries, rel_h.astype(f32), rel_w.astype(f32), query_block,
-                                win)
-    if scale_relative:
-        logits = (content + relative) * scale
-    else:
-        logits = content * scale + relative
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = _halo_weights(q, k, rel_h, rel_w, block=block, halo=halo, q_stride=q_stride,
+                            scale=scale, scale_relative=scale_relative)
+    values = _windows(v.astype(jnp.float32), block, halo)
     out = jnp.einsum("...qk,...ke->...qe", weights, values, precision=_HIGHEST)
     # Fold blocks back: [B, bh, bw, heads, qy, qx, e] -> [B, bh*qy, bw*qx, heads, e].
     out = out.reshape(batch, blocks_h, blocks_w, heads, query_block, query_block, value_dim)

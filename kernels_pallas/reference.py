@@ -57,11 +57,12 @@ def attention_mask(batch: int, tq: int, tk: int, *, causal: bool = False, q_leng
     return mask
 
 
-def attention_reference(q, k, v, bias=None, *, causal: bool = False, scale: float | None = None,
-                        q_lengths=None, kv_lengths=None, q_segment_ids=None,
-                        kv_segment_ids=None, logits: str = "softmax",
-                        sigmoid_bias: float | None = None):
-    """Dense attention on [batch, seq, heads, head_dim] inputs; see the module docstring."""
+def attention_weights(q, k, bias=None, *, causal: bool = False, scale: float | None = None,
+                      q_lengths=None, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
+                      logits: str = "softmax", sigmoid_bias: float | None = None):
+    """[B, H, Tq, Tk] float32 attention weights of [batch, seq, heads, head_dim] q and k: the
+    softmax (or sigmoid) probabilities that `attention_reference` applies to the values, 0 where
+    masked. What inspection reads (`zoo.capture_attention`); fused kernels never form them."""
     if logits not in ("softmax", "sigmoid"):
         raise ValueError(f"logits must be 'softmax' or 'sigmoid', got {logits!r}")
     batch, tq, _, d = q.shape
@@ -84,13 +85,23 @@ def attention_reference(q, k, v, bias=None, *, causal: bool = False, scale: floa
         row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
         p = jnp.exp(s - jax.lax.stop_gradient(row_max))
         denom = jnp.sum(p, axis=-1, keepdims=True)
-        p = p / jnp.where(denom > 0, denom, 1.0)
-    else:
-        b = -math.log(tk) if sigmoid_bias is None else sigmoid_bias
-        p = jax.nn.sigmoid(s + b)
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(f32), precision=jax.lax.Precision.HIGHEST)
+        return p / jnp.where(denom > 0, denom, 1.0)
+    b = -math.log(tk) if sigmoid_bias is None else sigmoid_bias
+    p = jax.nn.sigmoid(s + b)
+    return p if mask is None else jnp.where(mask, p, 0.0)
+
+
+def attention_reference(q, k, v, bias=None, *, causal: bool = False, scale: float | None = None,
+                        q_lengths=None, kv_lengths=None, q_segment_ids=None,
+                        kv_segment_ids=None, logits: str = "softmax",
+                        sigmoid_bias: float | None = None):
+    """Dense attention on [batch, seq, heads, head_dim] inputs; see the module docstring."""
+    p = attention_weights(q, k, bias, causal=causal, scale=scale, q_lengths=q_lengths,
+                          kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+                          kv_segment_ids=kv_segment_ids, logits=logits,
+                          sigmoid_bias=sigmoid_bias)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
     return out.astype(q.dtype)
 
 

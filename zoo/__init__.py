@@ -2,7 +2,9 @@
 
 `zoo.load(workdir)` restores a train.py run, `zoo.save_pretrained(model, folder)` writes a
 portable artifact and `zoo.create_model(name, pretrained=...)` reads one or a checkpoint file
-(zoo/pretrained.py).
+(zoo/pretrained.py). `zoo.capture_attention(model, *inputs)` returns what every attention layer
+attends to (zoo/attention_maps.py); `zoo.preprocess(name, image)` prepares an image as the model's
+card says (zoo/preprocessing.py).
 
 `import zoo` loads the registry only; every submodule (`zoo.convert`, `zoo.generate`,
 `zoo.weight_files`, `zoo.training`, the model files, ...) is also an attribute of the package,
@@ -17,13 +19,14 @@ from zoo.registry import (count_params, create_model, list_models, model_card,  
                           register_model)
 
 __all__ = ["create_model", "list_models", "model_card", "register_model", "count_params", "load",
-           "save_pretrained"]
+           "save_pretrained", "capture_attention", "preprocess"]
 
 _SUBMODULES = frozenset(info.name for info in _pkgutil.iter_modules(__path__))
 
 
 # Functions of submodules offered at the top level, imported on first use.
-_LAZY_FUNCTIONS = {"load": "zoo.pretrained", "save_pretrained": "zoo.pretrained"}
+_LAZY_FUNCTIONS = {"load": "zoo.pretrained", "save_pretrained": "zoo.pretrained",
+                   "capture_attention": "zoo.attention_maps", "preprocess": "zoo.preprocessing"}
 
 
 def __getattr__(name: str):

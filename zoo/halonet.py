@@ -103,7 +103,13 @@ class HaloAttention(nnx.Module):
         avg_down: down-sample by average pooling even when the block splits by the stride.
         scale_relative: scale the relative logits too (timm's `scale_pos_embed`).
         attn_impl: `halo_attention` implementation.
+
+    Inspection (`zoo.capture_attention`): sows `attention_weights`, each query's softmax over its
+    block's neighbourhood, [B, blocks_h, blocks_w, heads, query_block**2, window**2]
+    (`kernels_pallas.halo.halo_attention_weights`).
     """
+
+    capture_attention = False
 
     def __init__(self, dim: int, *, value_dim: int, num_heads: int, block_size: int,
                  halo_size: int, stride: int = 1, qkv_bias: bool = False,
@@ -138,6 +144,12 @@ class HaloAttention(nnx.Module):
                                 self.head_dim + self.value_head_dim)
         k, v = kv[..., :self.head_dim], kv[..., self.head_dim:]
         q, k, v = (axes.constrain(t, _HEAD_MAPS) for t in (q, k, v))
+        if layers.capturing(self):
+            self.sow(nnx.Intermediate, "attention_weights", halo_ops.halo_attention_weights(
+                    q, k, self.height_rel[...].astype(self.dtype),
+                    self.width_rel[...].astype(self.dtype), block=self.block_size,
+                    halo=self.halo_size, stride=self.stride, scale=self.scale,
+                    scale_relative=self.scale_relative, avg_down=self.avg_down))
         out = halo_ops.halo_attention(
                 q, k, v, self.height_rel[...].astype(self.dtype),
                 self.width_rel[...].astype(self.dtype), block=self.block_size,

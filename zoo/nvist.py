@@ -72,7 +72,13 @@ def camera_encoding(camera_params: jax.Array, freqs: int = 4) -> jax.Array:
 
 
 class AdaLNBlock(nnx.Module):
-    """NViST decoder block (module docstring): adaLN-modulated self- or cross-attention + MLP."""
+    """NViST decoder block (module docstring): adaLN-modulated self- or cross-attention + MLP.
+
+    Inspection (`zoo.capture_attention`): sows `attention_weights` [B, heads, N, M]; in a
+    cross-attention block, from each of the N output (3-D) tokens to the M image-patch tokens.
+    """
+
+    capture_attention = False
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, attn_impl: str,
                  dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
@@ -102,8 +108,11 @@ class AdaLNBlock(nnx.Module):
         k, v = (q, q) if y is None else (self.norm_k(y), self.norm_v(y))
         heads = lambda t: axes.constrain(  # noqa: E731
                 t.reshape(*t.shape[:2], self.num_heads, -1), axes.QKV)
-        out = kernels_pallas.attention(heads(self.q(q)), heads(self.k(k)), heads(self.v(v)),
-                                       impl=self.attn_impl)
+        queries, keys, values = heads(self.q(q)), heads(self.k(k)), heads(self.v(v))
+        if layers.capturing(self):
+            self.sow(nnx.Intermediate, "attention_weights",
+                     kernels_pallas.attention_weights(queries, keys))
+        out = kernels_pallas.attention(queries, keys, values, impl=self.attn_impl)
         x = x + gate_a[:, None] * self.proj(out.reshape(*out.shape[:2], self.dim))
         h = self.norm2(x) * (1 + scale_m[:, None]) + shift_m[:, None]
         return axes.constrain(x + gate_m[:, None] * self.mlp(h), axes.TOKENS)

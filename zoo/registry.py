@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from zoo import fast_init
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
@@ -187,7 +189,11 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, abstract: bool = Fa
         # rngs goes in as an argument: nnx.eval_shape traces it, a closure would mutate it
         # from another trace level.
         return nnx.eval_shape(lambda r: entry.builder(rngs=r, **overrides), rngs)
-    return remember(entry.builder(rngs=rngs, **overrides), name, overrides)
+    # Draws come from a few shared, bucketed programs as host arrays (zoo/fast_init.py): the
+    # same bits as plain eager initialisation, without one compilation per parameter shape.
+    with fast_init.host_random():
+        model = entry.builder(rngs=rngs, **overrides)
+    return remember(fast_init.to_device(model), name, overrides)
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -116,7 +116,14 @@ class TokenTemperature(nnx.Module):
 
 
 class SelectiveAttention(nnx.Module):
-    """Causal multi-head self-attention with SSA query/value temperatures (GPT-2 layout)."""
+    """Causal multi-head self-attention with SSA query/value temperatures (GPT-2 layout).
+
+    Inspection (`zoo.capture_attention`, full-sequence calls): sows `query_temperatures` and
+    `value_temperatures` [B, T, heads] (float32, the factors q and v are multiplied by; absent
+    when the variant has none) and `attention_weights` [B, heads, T, T] of the tempered queries.
+    """
+
+    capture_attention = False
 
     def __init__(self, dim: int, num_heads: int, *, depth: int, query_position: bool,
                  query_token: bool, value: bool, weight_sharing: bool, beta_init: float,
@@ -162,6 +169,10 @@ class SelectiveAttention(nnx.Module):
         split = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)  # noqa: E731
         q, k, v = (axes.constrain(split(qkv[..., i, :]), axes.QKV) for i in range(3))
         tau_q, tau_v = self.query_value_scales(x, q, v, positions)
+        if layers.capturing(self):
+            for name, tau in (("query_temperatures", tau_q), ("value_temperatures", tau_v)):
+                if tau is not None:
+                    self.sow(nnx.Intermediate, name, tau)
         if tau_q is not None:
             q = (q.astype(jnp.float32) * tau_q[..., None]).astype(q.dtype)
         if tau_v is not None:
@@ -175,6 +186,9 @@ class SelectiveAttention(nnx.Module):
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         q, k, v = self._project(x, jnp.arange(x.shape[1]))
+        if layers.capturing(self):
+            self.sow(nnx.Intermediate, "attention_weights",
+                     kernels_pallas.attention_weights(q, k, causal=True))
         out = kernels_pallas.attention(q, k, v, causal=True, impl=self.attn_impl)
         return self._output(out, train, rngs)
 

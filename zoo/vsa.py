@@ -95,6 +95,17 @@ def sampling_coords(regression: jax.Array, padded_height: int, padded_width: int
     return coords.reshape(batch, heads, nh * nw, window * window, 2)
 
 
+def window_corners(coords: jax.Array, padded_height: int, padded_width: int,
+                   window: int) -> jax.Array:
+    """coords [B, heads, nW, ws * ws, 2] (normalised, from `sampling_coords`) -> the four corner
+    points [B, heads, nW, 4, 2] (top-left, top-right, bottom-right, bottom-left), (x, y) in
+    pixels of the padded map: -1 and 1 are the centres of its first and last pixels."""
+    last = window * window - 1
+    corners = coords[:, :, :, jnp.array([0, window - 1, last, last - window + 1])]
+    size = jnp.array([padded_width - 1, padded_height - 1], jnp.float32)
+    return (corners.astype(jnp.float32) + 1.0) * 0.5 * size
+
+
 # Logical names of the sampled maps [B, Hp, Wp, heads, hd] and of the sampling points / samples
 # [B, heads, windows, points, 2 | hd] (kernels_pallas/sharding.py).
 _SAMPLED_MAPS = (axes.BATCH, None, None, axes.HEADS, None)
@@ -106,7 +117,16 @@ class VSAAttention(nnx.Module):
 
     Parameters (QFormer names): `qkv`, `proj`, `transform` (the regressor's 1x1 conv, kernel
     (C, heads, 4)), `relative_position_bias_table` ((2ws-1)^2, heads).
+
+    Inspection (`zoo.capture_attention`) sows:
+      `window_corners` [B, heads, nh * nw, 4, 2] float32: each regressed window's sampling
+          corners (top-left, top-right, bottom-right, bottom-left) as (x, y) in pixels of this
+          layer's zero-padded [Hp, Wp] map (pixel centres at 0 .. Wp-1), windows in raster order;
+      `attention_weights` [B * nh * nw, heads, ws**2, ws**2]: from each default window's queries
+          to its sampled keys.
     """
+
+    capture_attention = False
 
     def __init__(self, dim: int, num_heads: int, window_size: int, *, qkv_bias: bool = True,
                  attn_impl: str = "auto", proj_drop: float = 0.0, dtype: Any = jnp.float32,
@@ -183,7 +203,12 @@ class VSAAttention(nnx.Module):
 
         q_windows = windows.window_partition(q.reshape(b, hp, wp, heads * hd), ws)
         q_windows = q_windows.reshape(-1, ws * ws, heads, hd)
-        out = kernels_pallas.attention(q_windows, sample(k), sample(v),
+        k_windows = sample(k)
+        if layers.capturing(self):
+            self.sow(nnx.Intermediate, "window_corners", window_corners(coords, hp, wp, ws))
+            self.sow(nnx.Intermediate, "attention_weights", kernels_pallas.attention_weights(
+                    q_windows, k_windows, self.relative_position_bias()))
+        out = kernels_pallas.attention(q_windows, k_windows, sample(v),
                                        self.relative_position_bias(), impl=self.attn_impl)
         out = windows.window_reverse(out.reshape(-1, ws * ws, heads * hd), ws, hp, wp)
         out = self.proj(out[:, :h, :w])

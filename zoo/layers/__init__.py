@@ -39,7 +39,7 @@ from zoo.layers.dense import (  # noqa: F401
         Initializer, LayerNorm, Linear, Mlp, constrain_channels_last, drop_path, dropout,
         gathered, xavier_linear)
 from zoo.layers.attention import (  # noqa: F401
-        ATTENTION_IMPLS, ATTENTION_LOGITS, Attention)
+        ATTENTION_IMPLS, ATTENTION_LOGITS, Attention, capturing)
 from zoo.layers.image import (  # noqa: F401
         CONV_AXES, HE_FAN_OUT_INIT, BatchNorm, Conv2d, ConvBN, PatchEmbed, average_pool_head,
         sincos_2d, torch_uniform)

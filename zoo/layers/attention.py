@@ -18,6 +18,13 @@ ATTENTION_LOGITS = ("softmax", "sigmoid")
 ATTENTION_IMPLS = kernels_pallas.api.IMPLS
 
 
+def capturing(module: nnx.Module) -> bool:
+    """Whether `zoo.capture_attention` switched inspection on for this attention module. When it
+    has, the module also sows (nnx.Intermediate) what it attends to, computed on the pure-jnp
+    reference beside the unchanged fused call; otherwise nothing extra is traced."""
+    return getattr(module, "capture_attention", False)
+
+
 class Attention(nnx.Module):
     """Multi-head self- or cross-attention around `kernels_pallas.attention`.
 
@@ -45,7 +52,11 @@ class Attention(nnx.Module):
         attn_impl: passed to `kernels_pallas.attention(impl=...)` ("auto" picks per backend).
         proj_drop: dropout on the output projection. (Dropout on attention probabilities is not
             offered: fused kernels never materialise them.)
+
+    Inspection (`zoo.capture_attention`): sows `attention_weights` [B, heads, q_len, kv_len].
     """
+
+    capture_attention = False
 
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None,
                  cross_attention: bool = False, kv_dim: int | None = None,
@@ -142,6 +153,12 @@ class Attention(nnx.Module):
         q, k, v = (axes.constrain(split(t), axes.QKV) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if capturing(self):
+            self.sow(nnx.Intermediate, "attention_weights", kernels_pallas.attention_weights(
+                    q, k, bias, causal=causal, causal_chunk=causal_chunk, scale=self.scale,
+                    q_lengths=q_lengths, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+                    kv_segment_ids=kv_segment_ids, logits=self.logits,
+                    sigmoid_bias=self.sigmoid_bias))
         out = kernels_pallas.attention(
                 q, k, v, bias, causal=causal, causal_chunk=causal_chunk, scale=self.scale,
                 q_lengths=q_lengths,
