@@ -84,6 +84,18 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _preprocessing(name: str, overrides: dict) -> dict | None:
+    """The card's input recipe (zoo/preprocessing.py), at the saved model's image size."""
+    from zoo import preprocessing
+
+    recipe = preprocessing.describe(name)
+    if recipe is not None and isinstance(overrides.get("image_size"), int):
+        size = overrides["image_size"]
+        recipe = dict(recipe, size=size, resize=recipe["resize"].replace(
+                f"{recipe['size']}x{recipe['size']}", f"{size}x{size}"))
+    return recipe
+
+
 def save_pretrained(model: nnx.Module, directory: str, *, name: str | None = None,
                     overrides: Mapping[str, Any] | None = None, source: str = "") -> str:
     """Writes `model` as a portable artifact folder (see the module docstring); returns it.
@@ -123,6 +135,7 @@ def save_pretrained(model: nnx.Module, directory: str, *, name: str | None = Non
                 "source": source,
                 "weights": WEIGHTS_NAME,
                 "sha256": _sha256(weights),
+                "preprocessing": _preprocessing(name, overrides),
                 "jax_version": jax.__version__,
         }
         with open(os.path.join(staging, CARD_NAME), "w") as f:

@@ -39,6 +39,9 @@ class ModelEntry:
     # "timm:halonet_h1" -> "zoo.converters.halonet:halonet_from_timm" (timm keeps its
     # checkpoint_filter_fn beside default_cfgs the same way). Imported on first use.
     weights: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Resampling of the eval resize (config.data.interpolation of its config file); what
+    # `zoo.preprocess` and the card's "preprocessing" use for image classifiers.
+    eval_interpolation: str = "bilinear"
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -49,7 +52,8 @@ def register_model(name: str | None = None, *, paper: str, reference: str,
                    tiny: dict[str, Any] | None = None, paper_params: float | None = None,
                    paper_params_tolerance: float = 0.02, notes: str = "",
                    tiny_input: dict[str, tuple[tuple[int, ...], str]] | None = None,
-                   weights: Mapping[str, str] | None = None):
+                   weights: Mapping[str, str] | None = None,
+                   eval_interpolation: str = "bilinear"):
     """Decorator registering `builder` under `name` (default: the function name).
 
     `weights` maps each checkpoint source the model imports ("<format>:<their model name>" or
@@ -71,7 +75,7 @@ def register_model(name: str | None = None, *, paper: str, reference: str,
         _REGISTRY[key] = ModelEntry(key, builder, paper, reference, dict(default_input), config,
                                     dict(tiny or {}), dict(tiny_input or default_input),
                                     paper_params, paper_params_tolerance, notes,
-                                    dict(weights or {}))
+                                    dict(weights or {}), eval_interpolation)
         return builder
 
     return decorator
@@ -231,8 +235,10 @@ def _measured_params(name: str) -> int:
 
 
 def model_card(name: str) -> dict[str, Any]:
-    """Paper, reference code, parameter count (measured), default input and config file."""
+    """Paper, reference code, parameter count (measured), default input, its preprocessing (image
+    classifiers; None otherwise, see zoo/preprocessing.py) and config file."""
     entry = _entry(name)
+    from zoo import preprocessing
     return {
             "name": entry.name,
             "paper": entry.paper,
@@ -242,6 +248,7 @@ def model_card(name: str) -> dict[str, Any]:
             "paper_params_tolerance": entry.paper_params_tolerance,
             "default_input": {k: {"shape": list(s), "dtype": d}
                               for k, (s, d) in entry.default_input.items()},
+            "preprocessing": preprocessing.describe(name),
             "config": entry.config,
             "weights_from": sorted(entry.weights),
             "notes": entry.notes,

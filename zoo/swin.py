@@ -403,7 +403,8 @@ swin_t = register_variant(
         "swin_t", SwinTransformer, _VARIANTS["t"],
         weights={"timm:swin_tiny_patch4_window7_224": "zoo.converters.swin:swin_from_timm"},
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-        config="configs/swin.py:swin_t", tiny=_TINY, tiny_input=_TINY_INPUT,
+        config="configs/swin.py:swin_t",
+        eval_interpolation="bicubic", tiny=_TINY, tiny_input=_TINY_INPUT,
         paper_params=28.29, paper_params_tolerance=0.005,
         notes="Swin-T (C=96, depths 2-2-6-2, heads 3-6-12-24, window 7); 28,288,354 "
               "params = timm swin_tiny_patch4_window7_224 (paper: 28M).")
@@ -412,7 +413,8 @@ swin_t = register_variant(
 swin_s = register_variant(
         "swin_s", SwinTransformer, _VARIANTS["s"],
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-        config="configs/swin.py:swin_s", tiny=_TINY, tiny_input=_TINY_INPUT,
+        config="configs/swin.py:swin_s",
+        eval_interpolation="bicubic", tiny=_TINY, tiny_input=_TINY_INPUT,
         paper_params=49.61, paper_params_tolerance=0.005,
         notes="Swin-S (C=96, depths 2-2-18-2); 49,606,258 params = timm "
               "swin_small_patch4_window7_224 (paper: 50M).")
@@ -421,7 +423,8 @@ swin_s = register_variant(
 swin_b = register_variant(
         "swin_b", SwinTransformer, _VARIANTS["b"],
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-        config="configs/swin.py:swin_b", tiny=_TINY, tiny_input=_TINY_INPUT,
+        config="configs/swin.py:swin_b",
+        eval_interpolation="bicubic", tiny=_TINY, tiny_input=_TINY_INPUT,
         paper_params=87.77, paper_params_tolerance=0.005,
         notes="Swin-B (C=128, depths 2-2-18-2, heads 4-8-16-32); 87,768,224 params = "
               "timm swin_base_patch4_window7_224 (paper: 88M).")

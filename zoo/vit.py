@@ -248,7 +248,7 @@ _TINY = dict(patch_size=32, embed_dim=32, depth=1, num_heads=2, num_classes=10)
 vit_ti16 = register_variant(
         "vit_ti16", VisionTransformer, _VARIANTS["ti16"],
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-        config="configs/vit.py:ti16", tiny=_TINY, paper_params=None,
+        config="configs/vit.py:ti16", eval_interpolation="bicubic", tiny=_TINY, paper_params=None,
         notes="ViT-Ti/16 (width 192, depth 12, 3 heads) from DeiT (Touvron et al. 2021); "
               "5,717,416 params = timm vit_tiny_patch16_224. DeiT Table 1 prints '5M' "
               "(rounded down), so no paper count is registered.")
@@ -257,7 +257,7 @@ vit_ti16 = register_variant(
 vit_s16 = register_variant(
         "vit_s16", VisionTransformer, _VARIANTS["s16"],
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-        config="configs/vit.py:s16", tiny=_TINY, paper_params=22.0,
+        config="configs/vit.py:s16", eval_interpolation="bicubic", tiny=_TINY, paper_params=22.0,
         notes="ViT-S/16 (width 384, depth 12, 6 heads) from DeiT (Touvron et al. 2021, "
               "Table 1: 22M); 22,050,664 params = timm vit_small_patch16_224.")
 
@@ -265,7 +265,7 @@ vit_s16 = register_variant(
 vit_b16 = register_variant(
         "vit_b16", VisionTransformer, _VARIANTS["b16"],
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-        config="configs/vit.py:b16", tiny=_TINY, paper_params=86.0,
+        config="configs/vit.py:b16", eval_interpolation="bicubic", tiny=_TINY, paper_params=86.0,
         notes="ViT-B/16, paper Table 1 (86M); 86,567,656 params = timm "
               "vit_base_patch16_224.")
 
@@ -273,7 +273,7 @@ vit_b16 = register_variant(
 vit_b32 = register_variant(
         "vit_b32", VisionTransformer, _VARIANTS["b32"],
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-        config="configs/vit.py:b32", tiny=_TINY, paper_params=None,
+        config="configs/vit.py:b32", eval_interpolation="bicubic", tiny=_TINY, paper_params=None,
         notes="ViT-B/32: 88,224,232 params = timm vit_base_patch32_224. The paper's "
               "86M for ViT-Base does not include the larger 32x32 patch embedding, so "
               "no paper count is registered.")
@@ -282,6 +282,6 @@ vit_b32 = register_variant(
 vit_l16 = register_variant(
         "vit_l16", VisionTransformer, _VARIANTS["l16"],
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-        config="configs/vit.py:l16", tiny=_TINY, paper_params=307.0,
+        config="configs/vit.py:l16", eval_interpolation="bicubic", tiny=_TINY, paper_params=307.0,
         notes="ViT-L/16, paper Table 1 (307M); 304,326,632 params = timm "
               "vit_large_patch16_224.")

@@ -313,7 +313,8 @@ vsa_swin_t = register_variant(
         "vsa_swin_t", swin.SwinTransformer, _SWIN_T, fixed=dict(block_factory=VSABlock),
         weights={"qformer:swin_tiny_vsa": "zoo.converters.vsa:vsa_from_qformer"},
         paper=_PAPER, reference=_REFERENCE, default_input=_INPUT,
-        config="configs/vsa.py:vsa_swin_t", tiny=_TINY, tiny_input=_TINY_INPUT,
+        config="configs/vsa.py:vsa_swin_t",
+        eval_interpolation="bicubic", tiny=_TINY, tiny_input=_TINY_INPUT,
         paper_params=28.78, paper_params_tolerance=0.01,
         notes=f"Swin-T + VSA in every block (no shifted windows): 28,288,354 (Swin-T) + "
               f"{_overhead(**_SWIN_T):,} (position convs and window regressors). The "

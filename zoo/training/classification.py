@@ -28,9 +28,7 @@ AUGMENTS = ("none", "flip", "crop_flip")
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
 # timm's fill for geometric RandAugment ops: the ImageNet mean in [0, 255], rounded.
 AUGMENT_FILL = tuple(int(round(float(x))) for x in image_ops.IMAGENET_MEAN)
-# Eval (and un-cropped train) images: the centre square covering this fraction of the shorter
-# side, resized to image_size (the usual "resize to S/0.875, centre-crop S").
-CENTER_CROP_FRACTION = 0.875
+CENTER_CROP_FRACTION = image_ops.CENTER_CROP_FRACTION
 
 
 @dataclasses.dataclass(frozen=True)

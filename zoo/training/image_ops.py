@@ -15,6 +15,9 @@ import numpy as np
 
 IMAGENET_MEAN = np.asarray((0.485, 0.456, 0.406), np.float32) * 255.0
 IMAGENET_STD = np.asarray((0.229, 0.224, 0.225), np.float32) * 255.0
+# Eval (and un-cropped train) images: the centre square covering this fraction of the shorter
+# side, resized to image_size (the usual "resize to S/0.875, centre-crop S").
+CENTER_CROP_FRACTION = 0.875
 CROP_SCALE = (0.08, 1.0)  # random-resized-crop area fraction (Inception / timm default)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # random-resized-crop aspect ratio range
 
