@@ -6,7 +6,7 @@ DEMO_DIR ?= workdirs/demo
 DEMO_CONFIG ?= configs/halonet.py:smoke
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo test notebooks clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: install
 # The full suite; pytest's exit status is make's, so any failure fails the target.
 test: install
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS) tests
+
+# Open the notebooks (notebooks/*.ipynb) in JupyterLab, with the notebook extra installed.
+notebooks: install
+	$(PY) -m pip install -e ".[notebook]"
+	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
 	rm -rf $(VENV) workdirs *.egg-info

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 from flax import nnx
 
 from zoo import registry
+from zoo.converters import common as converter_common
 from zoo.weight_files import load_state_dict  # noqa: F401  (public: zoo.convert.load_state_dict)
 
 
@@ -41,7 +42,13 @@ def from_source(source: str, state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | 
             state_dict unless the converter says otherwise (SSA's new parameters).
         **overrides: architecture facts the weights do not record (see each converter).
     """
-    return registry.weight_converter(source)(state_dict, rngs=rngs, **overrides)
+    converter = registry.weight_converter(source)
+    with converter_common.record_architectures() as built:
+        model = converter(state_dict, rngs=rngs, **overrides)
+    # Remembered with the constructor arguments read from the weights, so that
+    # zoo.save_pretrained(model, folder) writes a card that rebuilds exactly this model.
+    return registry.remember(model, registry.weight_sources()[source], {},
+                             architecture=built[-1] if built else None)
 
 
 def timm_models() -> list[str]:

@@ -59,7 +59,9 @@ def _classifier(model_or_name) -> tuple[str, dict]:
     if found is None:
         raise ValueError(f"preprocess: a {type(model_or_name).__name__} that was not built by "
                          "zoo.create_model; pass the registered model name instead")
-    return found
+    name, overrides = found
+    # A converted model's image size is among its constructor arguments.
+    return name, {**overrides, **(registry.architecture(model_or_name) or {})}
 
 
 def _raw_image(image, index: int) -> tuple[Any, str]:

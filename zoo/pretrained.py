@@ -104,13 +104,16 @@ def save_pretrained(model: nnx.Module, directory: str, *, name: str | None = Non
     default to what `create_model`/`load` recorded for this module; `source` is free text
     for the card (where the weights came from)."""
     origin = registry.origin(model)
+    architecture = None  # complete constructor arguments, for a model a converter built
     if name is None:
         if origin is None:
             raise ValueError("save_pretrained: this module was not built by zoo.create_model "
                              "or zoo.load; pass name= (a registered model) and overrides= (its "
                              "builder arguments)")
         name, recorded = origin
-        overrides = recorded if overrides is None else overrides
+        if overrides is None:
+            overrides = recorded
+            architecture = registry.architecture(model)
     if name not in registry.list_models():
         raise ValueError(f"save_pretrained: name={name!r} is not a registered model; allowed: "
                          f"{registry.list_models()}")
@@ -130,12 +133,14 @@ def save_pretrained(model: nnx.Module, directory: str, *, name: str | None = Non
                 "format": ARTIFACT_FORMAT,
                 "name": name,
                 "overrides": _jsonable(overrides),
+                "architecture": (None if architecture is None
+                                 else _jsonable(architecture, "architecture")),
                 "params": registry.count_params(model),
                 "variables": len(variables),
                 "source": source,
                 "weights": WEIGHTS_NAME,
                 "sha256": _sha256(weights),
-                "preprocessing": _preprocessing(name, overrides),
+                "preprocessing": _preprocessing(name, {**overrides, **(architecture or {})}),
                 "jax_version": jax.__version__,
         }
         with open(os.path.join(staging, CARD_NAME), "w") as f:
@@ -196,12 +201,19 @@ def _from_artifact(name: str, directory: str, rngs, overrides: dict) -> nnx.Modu
     if card.get("sha256") and _sha256(weights) != card["sha256"]:
         raise ValueError(f"{weights}: SHA-256 differs from the one in {CARD_NAME}: the weights "
                          f"file was changed or damaged after saving")
-    kwargs = {**_tuples(card.get("overrides", {})), **overrides}
-    model = nnx.eval_shape(lambda r: registry.create_model(name, rngs=r, **kwargs),
-                           rngs if rngs is not None else nnx.Rngs(0))
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    if card.get("architecture") is not None:  # a converted model: its constructor arguments
+        architecture = {**_tuples(card["architecture"]), **overrides}
+        model = nnx.eval_shape(lambda r: registry.build_from_architecture(
+                name, architecture, rngs=r), rngs)
+        kwargs = {}
+    else:
+        architecture = None
+        kwargs = {**_tuples(card.get("overrides", {})), **overrides}
+        model = nnx.eval_shape(lambda r: registry.create_model(name, rngs=r, **kwargs), rngs)
     arrays, _ = weight_files.read_safetensors(weights)
     _assign_by_path(model, arrays, weights)
-    return remember(model, name, kwargs)
+    return remember(model, name, kwargs, architecture=architecture)
 
 
 def _from_checkpoint_file(name: str, path: str, source: str | None, rngs,
@@ -216,9 +228,12 @@ def _from_checkpoint_file(name: str, path: str, source: str | None, rngs,
         source = sources[0]
     elif source not in sources:
         raise ValueError(f"source={source!r} does not build {name}; allowed: {sources}")
-    state_dict = weight_files.load_state_dict(path)
-    model = registry.weight_converter(source)(state_dict, rngs=rngs, **overrides)
-    return remember(model, name, {})
+    from zoo import convert
+
+    # Remembered with the widths and depths the converter read from the file: they, not
+    # overrides of the registered variant, rebuild the model (a small timm Swin is no swin_t).
+    return convert.from_source(source, weight_files.load_state_dict(path), rngs=rngs,
+                               **overrides)
 
 
 def from_pretrained(name: str, pretrained: str, *, source: str | None = None,

@@ -114,9 +114,15 @@ def variant_builder(name: str, model_class: type, defaults: Mapping[str, Any] | 
             args = prepare(args)
         return model_class(**args, **fixed, rngs=rngs)
 
+    def from_architecture(*, rngs: nnx.Rngs, **architecture):
+        """The model class from complete constructor arguments (what a weight converter read
+        from a state_dict), with this variant's fixed ones; no defaults, no `prepare`."""
+        return model_class(**architecture, **fixed, rngs=rngs)
+
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = f"{model_class.__name__} {name}. {doc}".strip()
     builder.arguments = allowed
+    builder.from_architecture = from_architecture
     return builder
 
 
@@ -142,21 +148,43 @@ def _entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-# module -> (registered name, builder keyword arguments): what zoo.save_pretrained writes in
-# the card. Weak, so the registry never keeps a model alive.
-_ORIGINS: "weakref.WeakKeyDictionary[nnx.Module, tuple[str, dict]]" = (
+# module -> (registered name, builder keyword arguments, constructor arguments or None): what
+# zoo.save_pretrained writes in the card. Weak, so the registry never keeps a model alive.
+_ORIGINS: "weakref.WeakKeyDictionary[nnx.Module, tuple[str, dict, dict | None]]" = (
         weakref.WeakKeyDictionary())
 
 
-def remember(model: nnx.Module, name: str, overrides: Mapping[str, Any]) -> nnx.Module:
-    """Records that registered model `name` with builder arguments `overrides` is `model`."""
-    _ORIGINS[model] = (name, dict(overrides))
+def remember(model: nnx.Module, name: str, overrides: Mapping[str, Any], *,
+             architecture: Mapping[str, Any] | None = None) -> nnx.Module:
+    """Records that registered model `name` with builder arguments `overrides` is `model`;
+    or, for a model a weight converter built, with complete constructor `architecture`
+    (`build_from_architecture`)."""
+    _ORIGINS[model] = (name, dict(overrides), None if architecture is None
+                       else dict(architecture))
     return model
 
 
 def origin(model: nnx.Module) -> tuple[str, dict] | None:
     """(registered name, builder arguments) of a module built through the registry."""
-    return _ORIGINS.get(model)
+    found = _ORIGINS.get(model)
+    return None if found is None else found[:2]
+
+
+def architecture(model: nnx.Module) -> dict | None:
+    """The complete constructor arguments of a module a weight converter built, else None."""
+    found = _ORIGINS.get(model)
+    return None if found is None else found[2]
+
+
+def build_from_architecture(name: str, architecture: Mapping[str, Any], *,
+                            rngs: nnx.Rngs) -> nnx.Module:
+    """Registered model `name`'s class built from complete constructor arguments (as recorded
+    by `architecture`), with the variant's fixed arguments."""
+    build = getattr(_entry(name).builder, "from_architecture", None)
+    if build is None:
+        raise ValueError(f"{name} was not registered with register_variant; it cannot be "
+                         "rebuilt from constructor arguments")
+    return build(rngs=rngs, **architecture)
 
 
 def create_model(name: str, *, rngs: nnx.Rngs | None = None, abstract: bool = False,

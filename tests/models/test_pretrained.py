@@ -82,6 +82,34 @@ def test_a_hugging_face_weights_file_goes_through_the_converter(tmp_path):
     assert zoo.registry.origin(model)[0] == "ssa_gpt2_small"
 
 
+@pytest.mark.parametrize("how", ["create_model", "convert"])
+def test_a_converted_model_saves_the_architecture_its_weights_gave(tmp_path, how):
+    """A small timm Swin is not swin_t with overrides: the card keeps the widths and depths
+    the converter read, and the artifact rebuilds exactly that model (its own image size for
+    zoo.preprocess too)."""
+    data = np.load(FIXTURES / "swin_small_random.npz")
+    state = {k[len("state/"):]: data[k] for k in data if k.startswith("state/")}
+    if how == "create_model":
+        path = str(tmp_path / "swin.safetensors")
+        weight_files.save_safetensors(state, path)
+        model = zoo.create_model("swin_t", pretrained=path, image_size=32)
+    else:
+        model = zoo.convert.from_timm("swin_tiny_patch4_window7_224", state, image_size=32)
+    image = jnp.asarray(data["image"])
+    folder = zoo.save_pretrained(model, tmp_path / "artifact")
+    card = json.loads((tmp_path / "artifact" / "config.json").read_text())
+    assert card["architecture"]["embed_dim"] == 16 and card["architecture"]["depths"] == [2, 2]
+    assert card["overrides"] == {} and card["preprocessing"]["size"] == 32
+    again = zoo.create_model("swin_t", pretrained=folder)
+    np.testing.assert_array_equal(np.asarray(again(image)), np.asarray(model(image)))
+    np.testing.assert_allclose(np.asarray(again(image)), data["logits"], atol=1e-4, rtol=1e-4)
+    assert zoo.preprocess(again, np.zeros((40, 40, 3), np.uint8)).shape == (1, 32, 32, 3)
+    # Saved again from the reloaded model, the card is the same.
+    zoo.save_pretrained(again, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["architecture"] == \
+        card["architecture"]
+
+
 def _artifact(tmp_path) -> str:
     model = zoo.create_model("vit_ti16", **TINY_VIT)
     return zoo.save_pretrained(model, tmp_path / "artifact")

@@ -105,8 +105,36 @@ def assign(variable: nnx.Variable, value: np.ndarray, where: str) -> None:
         recorder.append(array)
 
 
-def build_abstract(build: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs | None):
-    """Shapes-only model: no random initialisation is run for weights about to be replaced."""
+# Constructor arguments of the models converters build while `record_architectures` is active.
+_ARCHITECTURES: list[list[dict]] = []
+
+
+@contextlib.contextmanager
+def record_architectures():
+    """Collects the constructor arguments (`note_architecture`) of the models a converter
+    builds, so that `zoo.save_pretrained` can write what rebuilds a converted model: widths and
+    depths read from a state_dict are not builder overrides of the registered variant."""
+    built: list[dict] = []
+    _ARCHITECTURES.append(built)
+    try:
+        yield built
+    finally:
+        _ARCHITECTURES.remove(built)
+
+
+def note_architecture(architecture: Mapping[str, Any]) -> None:
+    """Records the constructor arguments (without rngs) of the model a converter returns."""
+    for recorder in _ARCHITECTURES:
+        recorder.append(dict(architecture))
+
+
+def build_abstract(build: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs | None, *,
+                   architecture: Mapping[str, Any] | None = None):
+    """Shapes-only model: no random initialisation is run for weights about to be replaced.
+    `architecture`: the constructor arguments `build` passes (`note_architecture`), given for
+    the model the converter returns."""
+    if architecture is not None:
+        note_architecture(architecture)
     return nnx.eval_shape(build, rngs if rngs is not None else nnx.Rngs(0))
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from zoo import ssa as ssa_lib
 from zoo.converters.common import (StateDictReader, assign, build_abstract, check_all_set,
-                                   check_overrides)
+                                   check_overrides, note_architecture)
 
 _INFERRED = ("vocab_size", "max_seq_len", "width", "depth", "num_heads")
 
@@ -92,6 +92,7 @@ def gpt2_from_hf(state_dict: Mapping[str, Any], *, num_heads: int | None = None,
     # With SSA the new parameters need their real initialisation, so the model is built for
     # real (the GPT-2 weights it draws are then replaced); without, shapes suffice.
     rngs = rngs if rngs is not None else nnx.Rngs(0)
+    note_architecture(kwargs)
     model = build(rngs) if ssa else build_abstract(build, rngs)
     assign(model.embedding, reader.get("wte.weight"), "wte.weight")
     assign(model.pos_embedding, reader.get("wpe.weight"), "wpe.weight")

@@ -94,7 +94,8 @@ def halonet_from_timm(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None,
             stem_width=stem_shape[0], final_features=final_features, num_classes=num_classes,
             in_chans=stem_shape[1], qkv_bias=reader.has("stages.0.0.self_attn.q.bias"),
             **halo_args, **overrides)
-    model = build_abstract(lambda r: halonet_lib.HaloNet(**architecture, rngs=r), rngs)
+    model = build_abstract(lambda r: halonet_lib.HaloNet(**architecture, rngs=r), rngs,
+                           architecture=architecture)
 
     _load_conv_bn(model.stem, reader, "stem.conv1")
     for i, stage in enumerate(model.stages):

@@ -79,7 +79,8 @@ def nvist_from_official(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None 
             channels=channels, encoder_heads=max(encoder_dim // 64, 1),
             decoder_heads=max(decoder_dim // 64, 1))
     architecture.update(overrides)
-    model = build_abstract(lambda r: nvist_lib.NViST(**architecture, rngs=r), rngs)
+    model = build_abstract(lambda r: nvist_lib.NViST(**architecture, rngs=r), rngs,
+                           architecture=architecture)
 
     for key, part in _FIXED_CODES.items():
         ours = np.asarray(getattr(model, part).position_code(), np.float32)

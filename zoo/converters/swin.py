@@ -90,7 +90,8 @@ def swin_from_timm(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = Non
             patch_size=proj_shape[2], in_chans=proj_shape[1], num_classes=num_classes,
             window_size=max(windows), mlp_ratio=hidden / embed_dim,
             qkv_bias=reader.has("layers.0.blocks.0.attn.qkv.bias"), **overrides)
-    model = build_abstract(lambda r: swin_lib.SwinTransformer(**architecture, rngs=r), rngs)
+    model = build_abstract(lambda r: swin_lib.SwinTransformer(**architecture, rngs=r), rngs,
+                           architecture=architecture)
 
     load_patch_embed(model.patch_embed, reader)
     for i, stage in enumerate(model.layers):

@@ -105,7 +105,8 @@ def vsa_from_qformer(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = N
             num_classes=reader.shape("head.weight")[0] if reader.has("head.weight") else 0,
             window_size=windows.pop(), mlp_ratio=hidden / embed_dim,
             qkv_bias=reader.has("layers.0.blocks.0.attn.qkv.bias"), **overrides)
-    model = build_abstract(lambda r: vsa_lib.vsa_swin(rngs=r, **architecture), rngs)
+    model = build_abstract(lambda r: vsa_lib.vsa_swin(rngs=r, **architecture), rngs,
+                           architecture=architecture)
 
     load_patch_embed(model.patch_embed, reader)
     for i, stage in enumerate(model.layers):
