@@ -33,6 +33,10 @@ _KINDS = ("truncated_normal", "normal", "uniform")
 _ORIGINAL = {kind: getattr(jax.random, kind) for kind in _KINDS}
 _LOCK = threading.RLock()
 _MIN_BUCKET_LOG2 = 12
+# Larger draws stay on the device: there the random draw itself, not the compilation, is the
+# cost, and the host round trip (numpy multiply, copy back) would add to it. Their few shapes
+# (embeddings, the widest projections) repeat across layers, so they compile rarely.
+_MAX_HOST_DRAW = 1 << 21
 
 
 def _bucket(n: int) -> int:
@@ -111,7 +115,7 @@ def _host_draw(kind: str, key, shape, dtype, bounds: tuple, out_sharding):
         return None
     shape = tuple(int(d) for d in shape)
     count = math.prod(shape)
-    if count == 0:
+    if count == 0 or count > _MAX_HOST_DRAW:
         return None
     flat = _draw_program(kind, _bucket(count), dtype, tuple(float(b) for b in bounds))(key)
     return np.asarray(flat)[:count].reshape(shape).view(_HostArray)

@@ -68,6 +68,9 @@ def test_traced_keys_and_shardings_go_to_jax_and_patches_are_restored():
             assert isinstance(traced, jax.Array)
             raise RuntimeError("boom")
     assert jax.random.truncated_normal is original
+    with fast_init.host_random():  # a draw above the host limit stays a device array
+        large = jax.random.normal(jax.random.key(2), (fast_init._MAX_HOST_DRAW + 1,))
+    assert isinstance(large, jax.Array) and not isinstance(large, np.ndarray)
     np.testing.assert_array_equal(traced, jax.random.truncated_normal(jax.random.key(1), -2, 2,
                                                                       (5,)))
 
