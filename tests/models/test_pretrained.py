@@ -176,3 +176,46 @@ def test_load_restores_a_training_run_and_its_ema(tmp_path):
     assert run.evaluate() == expected["ema"]
     with pytest.raises(FileNotFoundError, match="is not the workdir of a train.py run"):
         zoo.load(str(tmp_path / "nowhere"))
+
+
+def _converted(kind):
+    """(registered name, a model converted from the fixture, its inputs) per converter."""
+    def state(data, prefix):
+        return {k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)}
+
+    if kind == "halonet":
+        data = np.load(FIXTURES / "halonet_h1_small.npz")
+        meta = json.loads(str(data["meta_json"]))
+        model = zoo.convert.from_timm("halonet_h1", state(data, "state/"),
+                                      block_size=meta["block_size"], halo_size=meta["halo_size"],
+                                      image_size=meta["image_size"])
+        return "halonet_h1", model, (jnp.asarray(data["image_nhwc"]),)
+    if kind == "vsa":
+        data = np.load(FIXTURES / "vsa_small_random.npz")
+        model = zoo.convert.from_qformer_vsa(
+                state(data, "model/"), image_size=json.loads(str(data["model_spec"]))["img_size"])
+        return "vsa_swin_t", model, (jnp.asarray(data["image"]),)
+    if kind == "nvist":
+        data = np.load(FIXTURES / "nvist_small_random.npz")
+        spec = json.loads(str(data["spec"]))
+        model = zoo.convert.from_nvist_official(
+                state(data, "state/"), image_size=tuple(spec["image_size"]),
+                encoder_heads=spec["encoder_heads"], decoder_heads=spec["decoder_heads"],
+                num_samples=spec["num_samples"], near_far=tuple(spec["near_far"]))
+        inputs = tuple(jnp.asarray(data[k]) for k in ("images", "camera_params", "rays_o",
+                                                      "rays_d"))
+        return "nvist", model, inputs
+    data = np.load(FIXTURES / "gpt2_small_random.npz")
+    model = zoo.convert.from_gpt2(state(data, "state/"), num_heads=4, ssa=True)
+    return "ssa_gpt2_small", model, (jnp.asarray(data["input_ids"]),)
+
+
+@pytest.mark.parametrize("kind", ["halonet", "vsa", "nvist", "gpt2"])
+def test_every_converter_round_trips_through_an_artifact(tmp_path, kind):
+    name, model, inputs = _converted(kind)
+    folder = zoo.save_pretrained(model, tmp_path / kind)
+    card = json.loads((tmp_path / kind / "config.json").read_text())
+    assert card["name"] == name and card["architecture"]
+    again = zoo.create_model(name, pretrained=folder)
+    run = nnx.jit(lambda m, args: m(*args))
+    jax.tree.map(np.testing.assert_array_equal, run(again, inputs), run(model, inputs))
