@@ -11,10 +11,12 @@ Variants (`variant=` or bare):
   ar_smoke        FIT-AR on the embedded byte-level corpus: 64-byte context in 4 groups of 16,
                   4 latents per group, spec '(1)2(1)' (language_modeling task, as configs/ssa.py).
   denoiser_smoke  FIT denoiser on the generated images at 16 px: patch 2 -> 4 sub-images of
-                  16 patches, 8 latents per group, spec '(1)2(1)'; image_diffusion task.
+                  16 patches, 8 latents per group, spec '(1)2(1)'; image_diffusion task,
+                  class-conditional (as pix2seq's FIT denoiser).
   encoder         fit_encoder_b on ImageNet-1k at 256 px (`data=image_folder` or TFDS).
   ar              fit_ar_small, byte level, context 1024, on token files (`data.path`).
-  denoiser        fit_denoiser_64 on 64x64 images from an image folder (e.g. ImageNet-64).
+  denoiser        fit_denoiser_64 on 64x64 images from an image folder (e.g. ImageNet-64),
+                  class-conditional on the 1000 labels.
 The FIT paper's training recipes are not in the released code (papers.md §1.7): the full
 variants use AdamW with cosine decay and warmup, [unverified] against the paper. The denoiser's
 batch/lr follow the RIN ImageNet-64 config in the same repo (batch 1024, lr 2e-3; RIN uses
@@ -82,8 +84,9 @@ def _ar_smoke(_):
 def _denoiser_smoke(_):
     c = _smoke_common(common.base_config("image_diffusion"))
     c.model.name = "fit_denoiser_64"
+    # Class-conditional, as pix2seq's FIT denoiser (cond_proj, conditional='class').
     c.model.overrides = ml_collections.ConfigDict(dict(
-            image_size=16, patch_size=2, num_groups=4,
+            image_size=16, patch_size=2, num_groups=4, cond_dim=10,
             **{**_SMOKE_TRUNK, "latents_per_group": 8}))
     c.data.source = "generated"
     c.data.image_size = 16
@@ -136,7 +139,7 @@ def _ar(_):
 def _denoiser(source):
     c = common.imagenet_data(common.base_config("image_diffusion"), "image_folder", 64)
     c.model.name = "fit_denoiser_64"
-    c.model.overrides = ml_collections.ConfigDict(dict(image_size=64))
+    c.model.overrides = ml_collections.ConfigDict(dict(image_size=64, cond_dim=1000))
     c.data.path = "/data/imagenet64"
     c.data.augment = "flip"
     c.batch_size = 1024

@@ -89,3 +89,16 @@ def from_nvist_official(state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None 
     """Official NViST checkpoint (wbjang/nvist_official layout) -> `nvist`.
     See `zoo.converters.nvist.nvist_from_official`."""
     return from_source("nvist_official", state_dict, rngs=rngs, **overrides)
+
+
+def from_pix2seq_fit(state_dict: Mapping[str, Any], *, num_groups: int,
+                     rngs: nnx.Rngs | None = None, **overrides) -> nnx.Module:
+    """pix2seq FIT weights (Keras variable names; FIT, FITAR or FITDenoiser, told apart by
+    their embeddings) -> `fit_encoder_b`, `fit_ar_small` or `fit_denoiser_64`. See
+    `zoo.converters.fit.fit_from_pix2seq` for what must be passed (num_groups; image_size,
+    patch_size and in_chans for images)."""
+    from zoo.converters import fit as fit_converter
+
+    source = {"encoder": "pix2seq:fit", "ar": "pix2seq:fitar",
+              "denoiser": "pix2seq:fit_denoiser"}[fit_converter.kind_of(state_dict)]
+    return from_source(source, state_dict, rngs=rngs, num_groups=num_groups, **overrides)

@@ -7,14 +7,17 @@ Conventions follow pix2seq's `models/diffusion_utils.py` (the FIT/RIN code base)
   * forward process x_t = sqrt(gamma) x_0 + sqrt(1 - gamma) eps, images scaled to [-1, 1];
   * the denoiser predicts eps (pix2seq's default `pred_type='eps'`); the loss is the mean
     squared error on eps, in float32;
-  * latent self-conditioning (FIT/RIN `self_cond='latent'`): with probability
-    `self_cond_rate` per example, a first pass without gradient produces latents that the
-    second pass receives as `latents_prev`; the sampler carries them across steps;
+  * latent self-conditioning (FIT/RIN `self_cond='latent'`): a first pass without gradient on
+    `self_cond_rate` of the batch produces latents that the second pass receives as
+    `latents_prev` (zeros for the other examples), in training and in the eval loss as pix2seq
+    computes both; the sampler carries them across steps;
   * samplers: DDIM (deterministic) and DDPM ("large" variance beta_t), x_0 clipped to [-1, 1]
     and eps re-derived from it at each step (pix2seq's truncate_noise).
 
-The denoiser is any module called as `model(x_t, t, *, cond=None, latents_prev=None, train,
-rngs) -> (eps_pred, latents)` with a `latent_shape` property (zoo.fit.FITDenoiser).
+The denoiser is any module called as `model(x_t, gamma, *, cond=None, latents_prev=None, train,
+rngs) -> (eps_pred, latents)` with a `latent_shape` property (zoo.fit.FITDenoiser). It is
+conditioned on the noise level gamma(t) [B], not on t: pix2seq's `noise_denoise` and samplers
+hand the denoiser gamma, which makes the network independent of the schedule.
 """
 from __future__ import annotations
 
@@ -48,25 +51,59 @@ def add_noise(x0, t, noise, schedule: str = "cosine"):
     return jnp.sqrt(g) * x0 + jnp.sqrt(1.0 - g) * noise
 
 
+def _first_pass_examples(batch: int, rate: float):
+    """Which examples get a self-conditioning first pass: pix2seq takes the first
+    floor(batch * rate) of its (per-replica) batch. With rate = 1/k and k dividing the batch we
+    take every k-th example instead: as many, and under data parallelism each device keeps its
+    share (a prefix would move the first half of the global batch onto half the devices)."""
+    count = int(batch * rate)
+    k = round(1.0 / rate) if rate > 0 else 0
+    if k >= 1 and abs(1.0 / rate - k) < 1e-9 and batch % k == 0:
+        return slice(None, None, k), count
+    return slice(0, count), count
+
+
+def self_conditioned_eps(model, x_t, g, *, cond=None, self_cond_rate: float = 0.5,
+                         train: bool = False, rngs=None):
+    """eps predicted with latent self-conditioning as pix2seq's `add_self_cond_hidden` does it
+    (self_cond_by_masking=False): a first pass on floor(B * rate) examples (no gradient) gives
+    their latents to the second pass over the whole batch; the other examples get zeros. The
+    cost is (1 + rate) forward passes. rate 0: one pass, no self-conditioning."""
+    b = x_t.shape[0]
+    latents_prev = None
+    if self_cond_rate > 0:
+        chosen, count = _first_pass_examples(b, self_cond_rate)
+        if count > 0:
+            sub_cond = None if cond is None else cond[chosen]
+            _, latents = model(x_t[chosen], g[chosen], cond=sub_cond, train=train, rngs=rngs)
+            latents = jax.lax.stop_gradient(latents.astype(jnp.float32))
+            if chosen.step is not None:  # every k-th example: interleave with zeros
+                k = chosen.step
+                zeros = [jnp.zeros_like(latents)] * (k - 1)
+                latents_prev = jnp.stack([latents, *zeros], axis=1).reshape(
+                        b, *latents.shape[1:])
+            else:
+                latents_prev = jnp.concatenate(
+                        [latents, jnp.zeros((b - count, *latents.shape[1:]), latents.dtype)])
+    eps, _ = model(x_t, g, cond=cond, latents_prev=latents_prev, train=train, rngs=rngs)
+    return eps
+
+
 def denoising_loss(model, x0, rng, *, cond=None, schedule: str = "cosine",
                    self_cond_rate: float = 0.5, train: bool = True, rngs=None):
     """Mean squared eps error (float32) of one training step on images x0 in [-1, 1].
 
-    rng: a jax key for t, the noise and the self-conditioning coin (dropout keys come from
-    `rngs`). Returns (loss, t) so callers can report per-time metrics.
+    rng: a jax key for t and the noise (dropout keys come from `rngs`). The denoiser sees the
+    noise level gamma(t) and self-conditions `self_cond_rate` of the batch
+    (`self_conditioned_eps`). Returns (loss, t) so callers can report per-time metrics.
     """
-    t_key, noise_key, coin_key = jax.random.split(rng, 3)
+    t_key, noise_key = jax.random.split(rng)
     b = x0.shape[0]
     t = jax.random.uniform(t_key, (b,))
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = add_noise(x0.astype(jnp.float32), t, noise, schedule)
-    latents_prev = None
-    if self_cond_rate > 0:
-        _, latents = model(x_t, t, cond=cond, train=train, rngs=rngs)
-        use = jax.random.bernoulli(coin_key, self_cond_rate, (b,))
-        latents_prev = jnp.where(use[:, None, None, None], jax.lax.stop_gradient(latents),
-                                 jnp.zeros_like(latents))
-    eps, _ = model(x_t, t, cond=cond, latents_prev=latents_prev, train=train, rngs=rngs)
+    eps = self_conditioned_eps(model, x_t, gamma(t, schedule), cond=cond,
+                               self_cond_rate=self_cond_rate, train=train, rngs=rngs)
     return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise)), t
 
 
@@ -96,7 +133,7 @@ def _sampler(graphdef, shape, steps, sampler, schedule, has_cond):
             rng, key = jax.random.split(rng)
             t_now = jnp.full((shape[0],), 1.0 - i / steps)
             t_next = jnp.full((shape[0],), 1.0 - (i + 1) / steps)
-            eps, latents = model(x, t_now, cond=cond if has_cond else None,
+            eps, latents = model(x, gamma(t_now, schedule), cond=cond if has_cond else None,
                                  latents_prev=latents)
             x, x0 = _step(x, eps.astype(jnp.float32), gamma(t_now, schedule),
                           gamma(t_next, schedule), sampler, key)

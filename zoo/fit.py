@@ -17,13 +17,15 @@ Heads:
   * FITAR: token ids [B, L] (L = T*n) -> shared token embedding [vocab, c] + x_pos_emb -> trunk
     -> LN(x) @ embedding^T + output bias -> logits [B, L, vocab] (the reference's
     shared_embedding=True, output_bias=True).
-  * FITDenoiser: noisy image [B, H, W, C], time t in [0, 1] -> sub-image patches as the
-    encoder; time embedding ScalarEmbedding(d_l // 4, scaling 1000, expansion 4) (sin-cos of
-    1000 t, normalised, Dense -> SiLU -> Dense, width d_l); optional conditioning vectors
+  * FITDenoiser: noisy image [B, H, W, C], noise level gamma(t) in (0, 1] (what pix2seq feeds
+    its denoiser, zoo/diffusion.py) -> sub-image patches as the encoder; time embedding
+    ScalarEmbedding(d_l // 4, scaling 1000, expansion 4) (sin-cos of 1000 gamma, normalised,
+    Dense -> SiLU -> Dense, width d_l); optional conditioning vectors
     (e.g. one-hot class labels) through `cond_proj`; before every global stack the latents
     cross-attend to [time; cond] ("l2c"); latent self-conditioning adds
-    LN_{gamma=0}(MLP-block(latents_prev)); output Dense(p*p*C)(LN(x)) -> image.
-    Returns (prediction image, latents) so the caller can self-condition.
+    LN_{gamma=0}(MLP-block(latents_prev)); output Dense(p*p*C)(LN(x)) -> image, with
+    that one LayerNorm (the trunk adds no output norms here, as in pix2seq).
+    Returns (prediction image, raw latents) so the caller can self-condition.
 
 Sizes: the paper's configurations are not in the released code (papers.md §1.7), so the
 registered sizes are ours, chosen per use and stated in each registration.
@@ -79,7 +81,7 @@ class _FITBase(nnx.Module):
     def _init_trunk(self, *, layers_spec, num_groups, tokens_per_group, latents_per_group,
                     x_dim, latent_dim, x_heads, latent_heads, mlp_ratio, drop_path_rate,
                     dropout_rate, x_pos_encoding, x_pos_grid, cond_attention, remat,
-                    attn_impl, dtype, param_dtype, rngs):
+                    attn_impl, dtype, param_dtype, rngs, output_norms=True):
         for name, value in (("num_groups", num_groups), ("tokens_per_group", tokens_per_group),
                             ("latents_per_group", latents_per_group), ("x_dim", x_dim),
                             ("latent_dim", latent_dim), ("x_heads", x_heads),
@@ -103,7 +105,8 @@ class _FITBase(nnx.Module):
                 mlp_ratio=mlp_ratio, drop_path_rate=layers.check_rate(drop_path_rate,
                                                                       "drop_path_rate"),
                 dropout_rate=self.dropout_rate, cond_attention=cond_attention, remat=remat,
-                attn_impl=attn_impl, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+                attn_impl=attn_impl, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs,
+                output_norms=output_norms)
         self.latent_pos_emb = nnx.Param(with_axes(_EMBED_INIT, ("latents", "embed"))(
                 rngs.params(), (num_groups * latents_per_group, latent_dim), param_dtype))
         if x_pos_encoding == "learned":
@@ -181,8 +184,7 @@ class FITEncoder(_FITBase):
                              f"{self.image_size[1]}, C], got {images.shape}")
         x = image_to_group_patches(images.astype(self.dtype), self.groups_per_side,
                                    self.patch_size)
-        x = self.stem_norm(self.stem(x)) + self._x_pos()
-        x = layers.dropout(x, self.dropout_rate, train=train, rngs=rngs)
+        x = self.stem_norm(self.stem(x)) + self._x_pos()  # no dropout here, as in pix2seq
         return self.trunk(x, self._initial_latents(x.shape[0]), train=train, rngs=rngs)
 
     def __call__(self, images, *, train: bool = False, rngs: nnx.Rngs | None = None):
@@ -228,8 +230,7 @@ class FITAR(_FITBase):
         t, n = self.num_groups, self.tokens_per_group
         x = jnp.take(layers.gathered(self.token_embedding[...]), tokens, axis=0)
         x = x.astype(self.dtype)
-        x = x.reshape(b, t, n, -1) + self._x_pos()
-        x = layers.dropout(x, self.dropout_rate, train=train, rngs=rngs)
+        x = x.reshape(b, t, n, -1) + self._x_pos()  # no dropout here, as in pix2seq
         x, _ = self.trunk(x, self._initial_latents(b), autoregressive=True, train=train,
                           rngs=rngs)
         logits = jnp.einsum("btnc,vc->btnv", x, self.token_embedding[...].astype(self.dtype),
@@ -253,8 +254,10 @@ class ScalarEmbedding(nnx.Module):
 
     def __call__(self, t):
         half = self.dim // 2
-        # pix2seq positional_encoding: frequencies exp(-log(10000) * k / (half - 1)).
-        freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / max(half - 1, 1))
+        # pix2seq `positional_encoding`: channel i has rate 10000^(-2 (i // 2) / dim), sines of
+        # the even channels then cosines of the odd ones, so both halves use the frequencies
+        # 10000^(-k / half), k = 0 .. half - 1.
+        freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / half)
         angles = (t.astype(jnp.float32) * self.scaling)[:, None] * freqs[None]
         code = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
         code = (code - code.mean(-1, keepdims=True)) / (code.std(-1, keepdims=True) + 1e-12)
@@ -264,8 +267,9 @@ class ScalarEmbedding(nnx.Module):
 class FITDenoiser(_FITBase):
     """FIT diffusion denoiser (module docstring).
 
-    Call: model(images [B,H,W,C], t [B] in [0,1], *, cond=None [B, cond_dim] or [B,S,cond_dim],
-    latents_prev=None [B,T,m,d_l]) -> (prediction [B,H,W,C], latents [B,T,m,d_l]).
+    Call: model(images [B,H,W,C], gamma [B] noise level in (0,1], cond=None [B, cond_dim] or
+    [B,S,cond_dim], latents_prev=None [B,T,m,d_l]) -> (prediction [B,H,W,C], latents
+    [B,T,m,d_l], un-normalised).
     """
 
     def __init__(self, *, image_size: int | Sequence[int] = 64, patch_size: int = 4,
@@ -290,7 +294,7 @@ class FITDenoiser(_FITBase):
                 drop_path_rate=drop_path_rate, dropout_rate=dropout_rate,
                 x_pos_encoding=x_pos_encoding, x_pos_grid=grid, cond_attention=True,
                 remat=remat, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype,
-                rngs=rngs)
+                rngs=rngs, output_norms=False)
         common = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
         patch_dim = patch_size * patch_size * in_chans
         self.stem = layers.xavier_linear(patch_dim, x_dim, axes=_STEM_AXES, **common)
@@ -316,14 +320,15 @@ class FITDenoiser(_FITBase):
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.num_groups, self.latents_per_group, self.latent_dim)
 
-    def __call__(self, images, t, *, cond=None, latents_prev=None, train: bool = False,
+    def __call__(self, images, gamma, cond=None, *, latents_prev=None, train: bool = False,
                  rngs: nnx.Rngs | None = None):
         if images.ndim != 4 or tuple(images.shape[1:3]) != self.image_size:
             raise ValueError(f"FITDenoiser expects images [B, {self.image_size[0]}, "
                              f"{self.image_size[1]}, C], got {images.shape}")
         b = images.shape[0]
-        if t.shape != (b,):
-            raise ValueError(f"t must be [batch={b}] times in [0, 1], got shape {t.shape}")
+        if gamma.shape != (b,):
+            raise ValueError(f"gamma must be [batch={b}] noise levels in (0, 1], got shape "
+                             f"{gamma.shape}")
         if self.cond_dim and cond is None:
             raise ValueError(f"this denoiser is conditional (cond_dim={self.cond_dim}): pass "
                              f"cond [B, {self.cond_dim}]")
@@ -336,7 +341,7 @@ class FITDenoiser(_FITBase):
                     else latents_prev.astype(self.dtype))
             prev = prev + self.latent_prev_mlp(self.latent_prev_norm(prev))
             latents = latents + self.latent_prev_out_norm(prev)
-        context = self.time_emb(t)[:, None]
+        context = self.time_emb(gamma)[:, None]
         if self.cond_proj is not None:
             c = cond.astype(self.dtype)
             c = self.cond_proj(c[:, None] if c.ndim == 2 else c)
@@ -368,7 +373,8 @@ def fit_param_count(kind: str, **config) -> int:
     x_dim, d_l, r = default("x_dim"), default("latent_dim"), int(default("mlp_ratio"))
     groups, m = default("num_groups"), default("latents_per_group")
     total = trunk_param_count(layer_spec=default("layer_spec"), x_dim=x_dim, latent_dim=d_l,
-                              mlp_ratio=r, cond_attention=kind == "denoiser")
+                              mlp_ratio=r, cond_attention=kind == "denoiser",
+                              output_norms=kind != "denoiser")
     total += groups * m * d_l  # latent_pos_emb
     if kind == "ar":
         vocab, n = default("vocab_size"), default("seq_len") // groups
@@ -414,6 +420,7 @@ _DENOISER_64 = dict(image_size=64, patch_size=4, layer_spec="(2)4(2)4(2)", num_g
 
 fit_encoder_b = register_variant(
         "fit_encoder_b", FITEncoder, _ENCODER_B,
+        weights={"pix2seq:fit": "zoo.converters.fit:encoder_from_pix2seq"},
         paper=_PAPER, reference=_REFERENCE,
         default_input={"image": ((256, 256, 3), "float32")},
         config="configs/fit.py:encoder",
@@ -428,6 +435,7 @@ fit_encoder_b = register_variant(
 
 fit_ar_small = register_variant(
         "fit_ar_small", FITAR, _AR_SMALL,
+        weights={"pix2seq:fitar": "zoo.converters.fit:ar_from_pix2seq"},
         paper=_PAPER, reference=_REFERENCE,
         default_input={"tokens": ((1024,), "int32")},
         config="configs/fit.py:ar",
@@ -441,13 +449,15 @@ fit_ar_small = register_variant(
 
 fit_denoiser_64 = register_variant(
         "fit_denoiser_64", FITDenoiser, _DENOISER_64,
+        weights={"pix2seq:fit_denoiser": "zoo.converters.fit:denoiser_from_pix2seq"},
         paper=_PAPER, reference=_REFERENCE,
-        default_input={"images": ((64, 64, 3), "float32"), "t": ((), "float32")},
+        default_input={"images": ((64, 64, 3), "float32"), "gamma": ((), "float32")},
         config="configs/fit.py:denoiser",
         tiny=dict(image_size=16, patch_size=2, layer_spec="(1)1(1)", num_groups=4,
                   latents_per_group=4, x_dim=16, latent_dim=32, x_heads=2,
                   latent_heads=2),
-        tiny_input={"images": ((16, 16, 3), "float32"), "t": ((), "float32")},
+        tiny_input={"images": ((16, 16, 3), "float32"), "gamma": ((), "float32")},
         notes="Our size: 64x64 pixels, patch 4 -> 256 patches in 4 sub-image groups, "
-              "32 latents per group, c=256, d_l=512, '(2)4(2)4(2)', unconditional by "
-              "default (cond_dim > 0 for class-conditional); returns (image, latents).")
+              "32 latents per group, c=256, d_l=512, '(2)4(2)4(2)', unconditional unless "
+              "cond_dim > 0 (configs/fit.py trains it class-conditional, as pix2seq); "
+              "called on the noise level gamma; returns (image, raw latents).")

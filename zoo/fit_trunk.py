@@ -10,11 +10,15 @@ list of pairs (local layers, global layers), parsed exactly as the reference
   read    latents of group t cross-attend to group t's tokens (only if the pair has globals);
   global  b layers over all T*m latents;
   write   tokens of group t cross-attend to group t's latents (not after the last pair).
-Outputs: LN(x) and LN(latents), eps 1e-6.
+Outputs: LN(x) and LN(latents), eps 1e-6 (FIT, FIT-AR); the denoiser's trunk has no output
+norms (`output_norms=False`), as pix2seq's FITDenoiser.
 
 Reference conventions kept: exact (erf) GELU; LayerNorm eps 1e-6 with scale and shift; every
-projection has a bias; Keras Glorot-uniform kernels and zero biases; learned embeddings
-trunc-normal 0.02; read/write layers are `q + MHA(LN(q), LN_kv(kv))` with no MLP,
+projection has a bias; Keras Glorot-uniform kernels and zero biases, where Keras's
+MultiHeadAttention kernels are 3-D ([in, heads, head_dim] / [heads, head_dim, out]) and their
+Glorot fans count all three dimensions (`layers.Attention(glorot_per_head=True)`): for the
+registered sizes that is a 4-7x smaller std than Glorot on the flattened matrix; MLP dropout
+after the GELU only (the reference's FeedForwardLayer); learned embeddings trunc-normal 0.02; read/write layers are `q + MHA(LN(q), LN_kv(kv))` with no MLP,
 min(latent_heads, x_heads) heads of key width min(d_l, c) // heads, value width = key width,
 output projected back to the query width. x position embedding [n, c] is shared by all groups
 (learned, or fixed 2-D sin-cos with `x_pos_encoding="sincos"`).
@@ -44,6 +48,9 @@ equal one device's (tests/training/test_context_parallel_training.py).
 
 Gradient checkpointing: `remat=True` wraps every local, global, read and write layer in
 `nnx.remat`, so only layer inputs are kept for the backward pass.
+
+Deliberate difference: no dropout on attention probabilities (pix2seq's `drop_att`, 0 in its
+configs): the fused kernels never form the probabilities.
 """
 from __future__ import annotations
 
@@ -86,11 +93,12 @@ class FITLayer(nnx.Module):
                  dropout: float, attn_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype)
         self.norm1 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
-        self.attn = layers.Attention(dim, num_heads, attn_impl=attn_impl, kernel_init=layers.XAVIER_INIT,
+        self.attn = layers.Attention(dim, num_heads, attn_impl=attn_impl, glorot_per_head=True,
                                      rngs=rngs, **common)
         self.norm2 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
-        self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), drop=dropout, kernel_init=layers.XAVIER_INIT,
-                              rngs=rngs, **common)
+        # pix2seq's FeedForwardLayer: dense1 -> GELU -> dropout -> dense2, nothing after.
+        self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), drop=dropout, output_dropout=False,
+                              kernel_init=layers.XAVIER_INIT, rngs=rngs, **common)
         self.drop_path = layers.DropPath(drop_path)
 
     def __call__(self, x, bias=None, *, causal: bool = False, causal_chunk: int | None = None,
@@ -115,7 +123,7 @@ class CrossAttention(nnx.Module):
         self.kv_norm = layers.LayerNorm(kv_dim, eps=NORM_EPS, **common)
         self.attn = layers.Attention(q_dim, num_heads, head_dim=key_width // num_heads,
                                      cross_attention=True, kv_dim=kv_dim, attn_impl=attn_impl,
-                                     kernel_init=layers.XAVIER_INIT, rngs=rngs, **common)
+                                     glorot_per_head=True, rngs=rngs, **common)
 
     def __call__(self, q, kv, *, train: bool = False, rngs: nnx.Rngs | None = None):
         out = q + self.attn(self.q_norm(q), self.kv_norm(kv), train=train, rngs=rngs)
@@ -141,7 +149,7 @@ class FITTrunk(nnx.Module):
                  latents_per_group: int, x_dim: int, latent_dim: int, x_heads: int,
                  latent_heads: int, mlp_ratio: float, drop_path_rate: float, dropout_rate: float,
                  cond_attention: bool, remat: bool, attn_impl: str, dtype: Any,
-                 param_dtype: Any, rngs: nnx.Rngs):
+                 param_dtype: Any, rngs: nnx.Rngs, output_norms: bool = True):
         self.pairs = tuple(parse_layer_spec(layer_spec))
         self.num_groups, self.tokens_per_group = num_groups, tokens_per_group
         self.latents_per_group = latents_per_group
@@ -173,9 +181,15 @@ class FITTrunk(nnx.Module):
         self.x_networks, self.reads = nnx.List(x_nets), nnx.List(reads)
         self.latent_networks, self.writes = nnx.List(l_nets), nnx.List(writes)
         self.cond_attention = nnx.List(l2c)
-        self.x_norm = layers.LayerNorm(x_dim, eps=NORM_EPS, dtype=dtype, param_dtype=param_dtype)
-        self.latent_norm = layers.LayerNorm(latent_dim, eps=NORM_EPS, dtype=dtype,
-                                            param_dtype=param_dtype)
+        # pix2seq's FIT and FITAR end with x_output_ln / l_output_ln; its FITDenoiser has
+        # neither (it returns raw latents and normalises x once, before its output layer).
+        if output_norms:
+            self.x_norm = layers.LayerNorm(x_dim, eps=NORM_EPS, dtype=dtype,
+                                           param_dtype=param_dtype)
+            self.latent_norm = layers.LayerNorm(latent_dim, eps=NORM_EPS, dtype=dtype,
+                                                param_dtype=param_dtype)
+        else:
+            self.x_norm = self.latent_norm = None
 
     def __call__(self, x, latents, *, cond=None, autoregressive: bool = False,
                  train: bool = False, rngs: nnx.Rngs | None = None):
@@ -207,7 +221,10 @@ class FITTrunk(nnx.Module):
                                               latents[:, :-1]], axis=1)
                 with sharding.groups_in_batch():
                     x = _run(self.writes[i], self.remat, x, source.reshape(b * t, m, d), **kw)
-        return self.x_norm(x.reshape(b, t, n, c)), self.latent_norm(latents)
+        x = x.reshape(b, t, n, c)
+        if self.x_norm is None:
+            return x, latents
+        return self.x_norm(x), self.latent_norm(latents)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,12 +240,12 @@ def _cross_layer(q_w, kv_w, k):
 
 
 def trunk_param_count(*, layer_spec: str, x_dim: int, latent_dim: int, mlp_ratio: float = 4.0,
-                      cond_attention: bool = False) -> int:
+                      cond_attention: bool = False, output_norms: bool = True) -> int:
     """Parameters of the trunk: local/global layers, read/write (+ l2c) layers, output LNs."""
     r = int(mlp_ratio)
     pairs = parse_layer_spec(layer_spec)
     k = min(x_dim, latent_dim)
-    total = 2 * x_dim + 2 * latent_dim  # output LayerNorms
+    total = 2 * x_dim + 2 * latent_dim if output_norms else 0  # output LayerNorms
     for i, (local, global_) in enumerate(pairs):
         total += local * _self_layer(x_dim, r)
         if global_:

@@ -50,7 +50,7 @@ def test_objective_equals_the_direct_formula():
     x0 = jax.random.uniform(jax.random.key(0), (5, 4, 4, 3), minval=-1, maxval=1)
     key = jax.random.key(1)
     loss, t = diffusion.denoising_loss(model, x0, key, self_cond_rate=0.0)
-    t_key, noise_key, _ = jax.random.split(key, 3)
+    t_key, noise_key = jax.random.split(key)
     t_direct = jax.random.uniform(t_key, (5,))
     noise = jax.random.normal(noise_key, x0.shape)
     g = diffusion.gamma(t_direct).reshape(-1, 1, 1, 1)
@@ -98,3 +98,51 @@ def test_bad_sampler_arguments():
         diffusion.sample(model, jax.random.key(0), 1, steps=0)
     with pytest.raises(ValueError, match="schedule must be one of"):
         diffusion.gamma(jnp.zeros(2), "sigmoid")
+
+
+class RecordingDenoiser(nnx.Module):
+    """Records what each call receives; latents = a per-example marker (1 + example index)."""
+
+    image_size, in_chans, latent_shape = (4, 4), 3, (1, 1, 1)
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, g, *, cond=None, latents_prev=None, train=False, rngs=None):
+        self.calls.append(dict(batch=x.shape[0], gamma=g, x=x, cond=cond,
+                               latents_prev=latents_prev))
+        marker = 1.0 + jnp.arange(x.shape[0], dtype=jnp.float32).reshape(-1, 1, 1, 1)
+        return jnp.zeros_like(x), marker * jnp.mean(jnp.abs(x), axis=(1, 2, 3),
+                                                     keepdims=True)
+
+
+@pytest.mark.parametrize("rate,batch,strided", [(0.5, 8, True), (0.25, 8, True),
+                                                 (0.6, 5, False), (1.0, 3, True)])
+def test_self_conditioning_is_a_first_pass_on_part_of_the_batch(rate, batch, strided):
+    """pix2seq's add_self_cond_hidden: floor(B * rate) examples get a first pass, the whole
+    batch the second, the others zero latents; the denoiser sees gamma(t), not t."""
+    model = RecordingDenoiser()
+    x0 = jax.random.uniform(jax.random.key(0), (batch, 4, 4, 3), minval=-1, maxval=1)
+    cond = jax.nn.one_hot(jnp.arange(batch) % 3, 3)
+    _, t = diffusion.denoising_loss(model, x0, jax.random.key(1), cond=cond,
+                                    self_cond_rate=rate)
+    first, second = model.calls
+    count = int(batch * rate)
+    chosen = (np.arange(batch)[::round(1 / rate)] if strided else np.arange(count))
+    assert first["batch"] == count == len(chosen) and second["batch"] == batch
+    np.testing.assert_array_equal(np.asarray(first["x"]), np.asarray(second["x"])[chosen])
+    np.testing.assert_array_equal(np.asarray(first["cond"]), np.asarray(cond)[chosen])
+    np.testing.assert_allclose(np.asarray(second["gamma"]), np.asarray(diffusion.gamma(t)))
+    prev = np.asarray(second["latents_prev"]).reshape(batch)
+    expected = np.zeros(batch)
+    expected[chosen] = (1.0 + np.arange(count)) * np.abs(np.asarray(first["x"])).mean((1, 2, 3))
+    np.testing.assert_allclose(prev, expected, rtol=1e-6)
+    assert np.all(prev[chosen] > 0)
+
+
+def test_no_self_conditioning_is_one_pass():
+    model = RecordingDenoiser()
+    diffusion.denoising_loss(model, jnp.zeros((4, 4, 4, 3)), jax.random.key(0),
+                             self_cond_rate=0.0)
+    assert len(model.calls) == 1 and model.calls[0]["latents_prev"] is None
+

@@ -1,6 +1,7 @@
 """Multi-head attention around `kernels_pallas.attention`, the zoo's one attention entry point."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -16,6 +17,17 @@ from zoo.layers.dense import (DEFAULT_KERNEL_INIT, Initializer, LayerNorm, Linea
 
 ATTENTION_LOGITS = ("softmax", "sigmoid")
 ATTENTION_IMPLS = kernels_pallas.api.IMPLS
+
+
+def glorot_uniform_with_fans(fan_in: int, fan_out: int) -> Initializer:
+    """Glorot (Xavier) uniform with the fans given, whatever the kernel's shape:
+    U(-limit, limit), limit = sqrt(6 / (fan_in + fan_out))."""
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
 
 
 def capturing(module: nnx.Module) -> bool:
@@ -52,6 +64,11 @@ class Attention(nnx.Module):
         attn_impl: passed to `kernels_pallas.attention(impl=...)` ("auto" picks per backend).
         proj_drop: dropout on the output projection. (Dropout on attention probabilities is not
             offered: fused kernels never materialise them.)
+        glorot_per_head: initialise as Keras `MultiHeadAttention` does (pix2seq's FIT): its
+            kernels are 3-D, [in, heads, head_dim] for q/k/v and [heads, head_dim, out] for the
+            output, and Keras's Glorot uniform takes its fans over all three dimensions
+            (fan_in + fan_out = in * (heads + head_dim) for q/k/v, heads * (head_dim + out) for
+            the output) instead of `kernel_init` on the flattened 2-D matrix. Biases zero.
 
     Inspection (`zoo.capture_attention`): sows `attention_weights` [B, heads, q_len, kv_len].
     """
@@ -64,7 +81,8 @@ class Attention(nnx.Module):
                  qk_norm: bool = False, norm_eps: float = 1e-6, logits: str = "softmax",
                  sigmoid_bias: float | None = None, scale: float | None = None,
                  attn_impl: str = "auto", proj_drop: float = 0.0,
-                 kernel_init: Initializer = DEFAULT_KERNEL_INIT, dtype: Any = jnp.float32,
+                 kernel_init: Initializer = DEFAULT_KERNEL_INIT, glorot_per_head: bool = False,
+                 dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         dim = check_positive_int(dim, "dim")
         num_heads = check_positive_int(num_heads, "num_heads")
@@ -96,10 +114,16 @@ class Attention(nnx.Module):
         self.proj_drop = check_rate(proj_drop, "proj_drop")
         inner = num_heads * head_dim
 
-        def proj(in_features, out_features, axes, use_bias):
+        def proj(in_features, out_features, axes, use_bias, output=False):
+            init = kernel_init
+            if glorot_per_head:  # the fans of Keras's 3-D MultiHeadAttention kernels
+                # [in, heads, head_dim]: fans in * heads and in * head_dim; the output's
+                # [heads, head_dim, out]: heads * head_dim and heads * out.
+                init = (glorot_uniform_with_fans(num_heads * head_dim, num_heads * out_features)
+                        if output else glorot_uniform_with_fans(in_features * num_heads,
+                                                                in_features * head_dim))
             return Linear(in_features, out_features, axes=axes, use_bias=use_bias,
-                          kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs)
+                          kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         if self.fused_qkv and not self.cross_attention:
             self.qkv = proj(dim, (3, inner), ("embed", None, "heads"), qkv_bias)
@@ -115,7 +139,7 @@ class Attention(nnx.Module):
             self.k_norm = LayerNorm(head_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.proj = proj(inner, dim, ("heads", "embed"), out_bias)
+        self.proj = proj(inner, dim, ("heads", "embed"), out_bias, output=True)
 
     def _project(self, x, context):
         if self.fused_qkv and not self.cross_attention:

@@ -184,7 +184,8 @@ class DropPath(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    """Transformer feed-forward block: fc1 -> GELU -> dropout -> fc2 -> dropout (timm layout).
+    """Transformer feed-forward block: fc1 -> GELU -> dropout -> fc2 -> dropout (timm layout;
+    `output_dropout=False` drops the second dropout, as pix2seq's FeedForwardLayer has none).
 
     `approximate_gelu` picks the GELU flavour, which papers disagree on: PyTorch `nn.GELU` and
     TF `gelu` default to the exact erf form (timm, FIT, NViST), Flax's `nn.gelu` defaults to the
@@ -193,11 +194,13 @@ class Mlp(nnx.Module):
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
                  *, approximate_gelu: bool = False, use_bias: bool = True, drop: float = 0.0,
+                 output_dropout: bool = True,
                  kernel_init: Initializer = DEFAULT_KERNEL_INIT, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         out_features = in_features if out_features is None else out_features
         self.approximate_gelu = bool(approximate_gelu)
         self.drop = check_rate(drop, "drop")
+        self.output_dropout = bool(output_dropout)
         self.fc1 = Linear(in_features, hidden_features, axes=("embed", "mlp"), use_bias=use_bias,
                           kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)
@@ -208,7 +211,9 @@ class Mlp(nnx.Module):
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None):
         h = jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu)
         h = dropout(constrain_channels_last(h, axes.MLP), self.drop, train=train, rngs=rngs)
-        out = dropout(self.fc2(h), self.drop, train=train, rngs=rngs)
+        out = self.fc2(h)
+        if self.output_dropout:
+            out = dropout(out, self.drop, train=train, rngs=rngs)
         return constrain_channels_last(out, axes.EMBED)
 
 

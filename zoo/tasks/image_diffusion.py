@@ -5,10 +5,11 @@ same `config.data` fields), un-normalised back to pixels and scaled to [-1, 1]. 
 used only by class-conditional denoisers (model `cond_dim` = data.num_classes: one-hot).
 
 Training loss: eps-prediction MSE with latent self-conditioning (zoo.diffusion.denoising_loss)
-under pix2seq's cosine schedule (`SCHEDULE`), self-conditioning with probability
-`SELF_COND_RATE`; t, the noise and the self-conditioning coin come from the step's "sample"
-rng stream.
-Eval: the same loss at fixed, evenly spaced times and fixed noise (deterministic, so eval
+under pix2seq's cosine schedule (`SCHEDULE`); the denoiser sees the noise level gamma(t), and a
+first pass over `SELF_COND_RATE` of the batch gives those examples their latents (pix2seq's
+`add_self_cond_hidden`); t and the noise come from the step's "sample" rng stream.
+Eval: the same loss, self-conditioned the same way (pix2seq evaluates its loss with
+self-conditioning), at fixed, evenly spaced times and fixed noise (deterministic, so eval
 numbers are comparable across steps and runs), overall and for the low-noise (t < 0.5) and
 high-noise halves.
 """
@@ -65,8 +66,11 @@ class ImageDiffusionTask(ImageData, Task):
 
     def input_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         side = self.image_size
-        return {"images": jax.ShapeDtypeStruct((batch_size, side, side, 3), jnp.float32),
-                "t": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+        spec = {"images": jax.ShapeDtypeStruct((batch_size, side, side, 3), jnp.float32),
+                "gamma": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+        if self.conditional:  # one-hot labels, the denoiser's third argument
+            spec["cond"] = jax.ShapeDtypeStruct((batch_size, self.num_classes), jnp.float32)
+        return spec
 
     # --- samples: a PNG grid from pure noise (sample.py) ------------------------------------
 
@@ -111,8 +115,8 @@ class ImageDiffusionTask(ImageData, Task):
         key = rngs.sample() if rngs is not None else jax.random.key(0)
         loss, _ = diffusion.denoising_loss(model, to_unit_range(batch["image"]), key,
                                            cond=self._cond(batch), schedule=SCHEDULE,
-                                           self_cond_rate=SELF_COND_RATE if train else 0.0,
-                                           train=train, rngs=rngs)
+                                           self_cond_rate=SELF_COND_RATE, train=train,
+                                           rngs=rngs)
         return loss, {}
 
     def eval_sums(self, model, batch):
@@ -121,7 +125,10 @@ class ImageDiffusionTask(ImageData, Task):
         t = (jnp.arange(b, dtype=jnp.float32) + 0.5) / b
         noise = jax.random.normal(jax.random.key(0), x0.shape, jnp.float32)
         x_t = diffusion.add_noise(x0, t, noise, SCHEDULE)
-        eps, _ = model(x_t, t, cond=self._cond(batch))
+        # As pix2seq's eval loss: the noise level in, and half the batch self-conditioned.
+        eps = diffusion.self_conditioned_eps(model, x_t, diffusion.gamma(t, SCHEDULE),
+                                             cond=self._cond(batch),
+                                             self_cond_rate=SELF_COND_RATE)
         per_example = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise), axis=(1, 2, 3))
         mask = batch["mask"].astype(jnp.float32)
         low = (t < 0.5).astype(jnp.float32) * mask
