@@ -106,9 +106,12 @@ def main() -> None:
     args = parser.parse_args()
     tokens_list = QUICK_TOKENS if args.quick else FULL_TOKENS
     configs = {"fit": QUICK_FIT if args.quick else FIT, "vit": QUICK_VIT if args.quick else VIT}
+    api = kernels_pallas.api
+    route = next((r for r, _ in api.DISPATCH_TABLE.get(jax.default_backend(), ())
+                  if r != "cudnn"), api.DEFAULT_ROUTE)  # what impl="auto" takes for FIT's calls
     print(f"# one training step (fwd+bwd+AdamW), batch 1, bf16 compute | device "
-          f"{jax.devices()[0].device_kind} | attention impl "
-          f"{kernels_pallas.api.resolve_impl('auto')!r} | jax {jax.__version__} | "
+          f"{jax.devices()[0].device_kind} | attention impl 'auto' -> {route!r} | "
+          f"jax {jax.__version__} | "
           f"{datetime.date.today()} | {'quick' if args.quick else 'full'} grid")
     print("| model | tokens | image px | peak GiB | GFLOPs | mem exponent | flop exponent | "
           "fits 16 GB |")
