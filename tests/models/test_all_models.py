@@ -136,7 +136,9 @@ def test_every_weight_source_names_an_importable_converter():
     assert sources == {"timm:halonet_h1": "halonet_h1",
                        "timm:swin_tiny_patch4_window7_224": "swin_t",
                        "hf:gpt2": "ssa_gpt2_small", "hf:gpt2-medium": "ssa_gpt2_medium",
-                       "qformer:swin_tiny_vsa": "vsa_swin_t", "nvist_official": "nvist"}
+                       "qformer:swin_tiny_vsa": "vsa_swin_t", "nvist_official": "nvist",
+                       "pix2seq:fit": "fit_encoder_b", "pix2seq:fitar": "fit_ar_small",
+                       "pix2seq:fit_denoiser": "fit_denoiser_64"}
     for source in sources:
         assert callable(registry.weight_converter(source))
     # (The card measures the parameter count: one cheap model is enough here.)
