@@ -240,7 +240,7 @@ class FITAR(_FITBase):
 
 
 class ScalarEmbedding(nnx.Module):
-    """pix2seq ScalarEmbedding: sin-cos of (scaling * t) in `dim` channels, normalised per
+    """pix2seq ScalarEmbedding: sin-cos of (scaling * gamma) in `dim` channels, normalised per
     example, Dense(dim*expansion) -> SiLU -> Dense(dim*expansion) (no final SiLU)."""
 
     def __init__(self, dim: int, *, scaling: float = 1000.0, expansion: int = 4, dtype: Any,
