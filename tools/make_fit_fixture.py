@@ -41,9 +41,22 @@ SPECS = {
         "fit": dict(layers="(1)2(1)", x_size=4 * 5, **SMALL),
         "fitar": dict(layers="(1)2(1)", x_size=4 * 5, vocab_size=11, **SMALL),
         "denoiser": dict(layers="(1)2(1)", x_size=4 * 5, out_dim=12, **SMALL),
+        # pix2seq's options (issue 17, item 6), each model with every option it offers set
+        # away from its default: fixed sin-cos codes, the causal latent mask, y tokens
+        # (FIT), and the denoiser's local layers without attention, read/write layers with
+        # an MLP and without the key/value LayerNorm.
+        "fit_options": dict(layers="(1)2(1)", x_size=4 * 4, x_pos_encoding="sin_cos2d",
+                            latent_pos_encoding="sin_cos", mask="causal", **SMALL),
+        "fitar_options": dict(layers="(1)2(1)", x_size=4 * 5, vocab_size=11,
+                              x_pos_encoding="sin_cos", latent_pos_encoding="sin_cos", **SMALL),
+        "denoiser_options": dict(layers="(1)2(1)", x_size=4 * 5, out_dim=12,
+                                 x_pos_encoding="sin_cos", latent_pos_encoding="sin_cos",
+                                 mask="causal", x_self_attention=False, xattn_with_mlp=True,
+                                 xattn_enc_ln=False, **SMALL),
 }
 PATCH_DIM = 12  # the encoder's and denoiser's input tokens: 2x2 patches of 3 channels
 COND_DIM = 7
+Y_TOKENS, Y_DIM = 2, 5  # fit_options' conditioning tokens y [B, T, 2, 5]
 BATCH = 2
 
 
@@ -136,13 +149,43 @@ def main() -> None:
                 "denoiser/outputs/prediction": pred.numpy(),
                 "denoiser/outputs/latents": latents.numpy()})
 
-    for kind, layer in (("fit", fit), ("fitar", fitar), ("denoiser", denoiser)):
+    # The option models.
+    fit_options = transformers.FIT(**SPECS["fit_options"], name="fit")
+    n_options = SPECS["fit_options"]["x_size"] // t
+    patches4 = rng.normal(size=(BATCH, t, n_options, PATCH_DIM)).astype(np.float32)
+    y = rng.normal(size=(BATCH, t, Y_TOKENS, Y_DIM)).astype(np.float32)
+    fit_options(patches4, y, training=False)
+    _randomise(fit_options, rng, tf)
+    x, latents = fit_options(patches4, y, training=False)
+    out.update({"fit_options/inputs/patches": patches4, "fit_options/inputs/y": y,
+                "fit_options/outputs/x": x.numpy(), "fit_options/outputs/latents": latents.numpy()})
+
+    fitar_options = transformers.FITAR(**SPECS["fitar_options"], name="fitar")
+    fitar_options(tokens, training=False)
+    _randomise(fitar_options, rng, tf)
+    out.update({"fitar_options/inputs/tokens": tokens,
+                "fitar_options/outputs/logits": fitar_options(tokens, training=False).numpy()})
+
+    denoiser_options = transformers.FITDenoiser(**SPECS["denoiser_options"], self_cond="latent",
+                                                name="denoiser")
+    denoiser_options((patches, prev), gamma, cond, training=False)
+    _randomise(denoiser_options, rng, tf)
+    pred, latents = denoiser_options((patches, prev), gamma, cond, training=False)
+    out.update({"denoiser_options/inputs/patches": patches,
+                "denoiser_options/inputs/gamma": gamma, "denoiser_options/inputs/cond": cond,
+                "denoiser_options/inputs/latents_prev": prev,
+                "denoiser_options/outputs/prediction": pred.numpy(),
+                "denoiser_options/outputs/latents": latents.numpy()})
+
+    for kind, layer in (("fit", fit), ("fitar", fitar), ("denoiser", denoiser),
+                        ("fit_options", fit_options), ("fitar_options", fitar_options),
+                        ("denoiser_options", denoiser_options)):
         for name, value in _state(layer).items():
             out[f"{kind}/state/{name}"] = value
         spec = dict(SPECS[kind])
-        if kind == "denoiser":
+        if kind.startswith("denoiser"):
             spec.update(self_cond="latent", cond_dim=COND_DIM)
-        if kind != "fitar":
+        if not kind.startswith("fitar"):
             spec["patch_dim"] = PATCH_DIM
         out[f"{kind}/spec"] = np.asarray(json.dumps(spec))
     # Initialisation statistics of the official Keras layers at the registered zoo sizes.

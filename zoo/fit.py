@@ -27,6 +27,15 @@ Heads:
     that one LayerNorm (the trunk adds no output norms here, as in pix2seq).
     Returns (prediction image, raw latents) so the caller can self-condition.
 
+Position codes (`x_pos_encoding`, `latent_pos_encoding`), pix2seq's names and formulas:
+"learned" (trunc-normal 0.02 tables, the default), or fixed "sin_cos" codes with coordinates
+normalised to [0, 1000] (`pix2seq_position_code`): for x a 1-D code over the n positions of a
+group, or "sin_cos2d" (images) a 2-D code over the group's square patch grid; for latents the
+2-D code over the (T, m) grid. The trunk options of pix2seq (causal latent mask,
+x_self_attention, xattn_with_mlp, xattn_enc_ln) are described in zoo/fit_trunk.py; the encoder
+takes pix2seq's extra conditioning tokens y (`y_dim`, its `stem_y`). FITDenoiser also accepts
+"sin_cos2d", which pix2seq's denoiser does not offer.
+
 Sizes: the paper's configurations are not in the released code (papers.md §1.7), so the
 registered sizes are ours, chosen per use and stated in each registration.
 """
@@ -38,6 +47,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zoo import axes, layers
@@ -46,7 +56,50 @@ from zoo.fit_trunk import NORM_EPS, FITTrunk, parse_layer_spec, trunk_param_coun
 from zoo.registry import register_variant
 
 _EMBED_INIT = nnx.initializers.truncated_normal(0.02)
-X_POS_ENCODINGS = ("learned", "sincos")
+# pix2seq's names: "sin_cos" is a 1-D code over the position inside the group, "sin_cos2d" a 2-D
+# code over the group's square grid of patches (images only); both fixed, not parameters.
+X_POS_ENCODINGS = ("learned", "sin_cos", "sin_cos2d")
+LATENT_POS_ENCODINGS = ("learned", "sin_cos")
+# pix2seq normalises the coordinates of its FIT position codes to [0, 1000].
+_POSITION_RANGE = 1000.0
+
+
+def _pix2seq_encoding(coords: np.ndarray, dim: int) -> np.ndarray:
+    """pix2seq `positional_encoding` for 1-D coords: channel i has the angle
+    coord * 10000^(-2 (i // 2) / dim); the sines of the even channels come first, then the
+    cosines of the odd ones. float32 throughout, as the reference computes it (angles reach
+    1000 rad, so float64 angles would differ from its codes by ~1e-4)."""
+    i = np.arange(dim)
+    rates = np.float32(1.0) / np.power(np.float32(10000.0),
+                                       (2 * (i // 2)).astype(np.float32) / np.float32(dim))
+    angles = coords.astype(np.float32)[:, None] * rates[None].astype(np.float32)
+    return np.concatenate([np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])], axis=-1)
+
+
+def _normalised_coords(length: int, name: str) -> np.ndarray:
+    if length < 2:
+        # the reference divides by length - 1 and would produce NaN codes
+        raise ValueError(f"{name}: pix2seq's sin-cos code needs at least 2 positions per "
+                         f"axis, got {length}")
+    return (np.arange(length, dtype=np.float32) / np.float32(length - 1)
+            * np.float32(_POSITION_RANGE))
+
+
+def pix2seq_position_code(rows: int, cols: int, dim: int, *, name: str = "position code"
+                          ) -> np.ndarray:
+    """pix2seq `add_vis_pos_emb(..., 'sin_cos', rows, cols, dim, normalization_max=1000)`:
+    [rows * cols, dim], row-major. A 1-D code over rows * cols positions when either side is
+    1; otherwise the first dim/2 channels encode the row and the last dim/2 the column."""
+    if rows == 1 or cols == 1:
+        return _pix2seq_encoding(_normalised_coords(rows * cols, name), dim)
+    if dim % 2:
+        raise ValueError(f"{name}: a 2-D sin-cos code needs an even width, got {dim}")
+    half = dim // 2
+    row_code = _pix2seq_encoding(_normalised_coords(rows, name), half)
+    col_code = _pix2seq_encoding(_normalised_coords(cols, name), half)
+    code = np.concatenate([np.broadcast_to(row_code[:, None], (rows, cols, half)),
+                           np.broadcast_to(col_code[None], (rows, cols, half))], axis=-1)
+    return code.reshape(rows * cols, dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,15 +134,19 @@ class _FITBase(nnx.Module):
     def _init_trunk(self, *, layers_spec, num_groups, tokens_per_group, latents_per_group,
                     x_dim, latent_dim, x_heads, latent_heads, mlp_ratio, drop_path_rate,
                     dropout_rate, x_pos_encoding, x_pos_grid, cond_attention, remat,
-                    attn_impl, dtype, param_dtype, rngs, output_norms=True):
+                    attn_impl, dtype, param_dtype, rngs, latent_pos_encoding="learned",
+                    **trunk_options):
         for name, value in (("num_groups", num_groups), ("tokens_per_group", tokens_per_group),
                             ("latents_per_group", latents_per_group), ("x_dim", x_dim),
                             ("latent_dim", latent_dim), ("x_heads", x_heads),
                             ("latent_heads", latent_heads)):
             layers.check_positive_int(value, name)
         if x_pos_encoding not in X_POS_ENCODINGS:
-            raise ValueError(f"x_pos_encoding must be one of {X_POS_ENCODINGS}, got "
-                             f"{x_pos_encoding!r}")
+            raise ValueError(f"x_pos_encoding must be one of {X_POS_ENCODINGS} (pix2seq's "
+                             f"names), got {x_pos_encoding!r}")
+        if latent_pos_encoding not in LATENT_POS_ENCODINGS:
+            raise ValueError(f"latent_pos_encoding must be one of {LATENT_POS_ENCODINGS}, got "
+                             f"{latent_pos_encoding!r}")
         if attn_impl not in layers.ATTENTION_IMPLS:
             raise ValueError(f"attn_impl must be one of {layers.ATTENTION_IMPLS}, got "
                              f"{attn_impl!r}")
@@ -106,29 +163,45 @@ class _FITBase(nnx.Module):
                                                                       "drop_path_rate"),
                 dropout_rate=self.dropout_rate, cond_attention=cond_attention, remat=remat,
                 attn_impl=attn_impl, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs,
-                output_norms=output_norms)
-        self.latent_pos_emb = nnx.Param(with_axes(_EMBED_INIT, ("latents", "embed"))(
-                rngs.params(), (num_groups * latents_per_group, latent_dim), param_dtype))
+                **trunk_options)
+        # Fixed codes are computed here, checked once, and rebuilt at trace time as constants
+        # (not model state): x_pos_code / latent_pos_code hold only the geometry.
+        if latent_pos_encoding == "learned":
+            self.latent_pos_emb = nnx.Param(with_axes(_EMBED_INIT, ("latents", "embed"))(
+                    rngs.params(), (num_groups * latents_per_group, latent_dim), param_dtype))
+            self.latent_pos_code = None
+        else:
+            self.latent_pos_emb = None
+            self.latent_pos_code = (num_groups, latents_per_group, latent_dim)
+            pix2seq_position_code(*self.latent_pos_code, name="latent_pos_encoding='sin_cos'")
         if x_pos_encoding == "learned":
             self.x_pos_emb = nnx.Param(with_axes(_EMBED_INIT, ("pos", "embed"))(
                     rngs.params(), (tokens_per_group, x_dim), param_dtype))
+            self.x_pos_code = None
         else:
-            if x_pos_grid is None or x_pos_grid[0] * x_pos_grid[1] != tokens_per_group:
-                raise ValueError("x_pos_encoding='sincos' needs a square grid of patches per "
-                                 "group (image models only)")
+            if x_pos_encoding == "sin_cos2d" and (x_pos_grid is None
+                                                  or x_pos_grid[0] != x_pos_grid[1]):
+                raise ValueError(f"x_pos_encoding='sin_cos2d' needs a square grid of patches "
+                                 f"per group (image models only), got {x_pos_grid}")
             self.x_pos_emb = None
-        self.x_pos_grid, self.x_dim = x_pos_grid, x_dim
+            self.x_pos_code = ((tokens_per_group, 1, x_dim) if x_pos_encoding == "sin_cos"
+                               else (*x_pos_grid, x_dim))
+            pix2seq_position_code(*self.x_pos_code,
+                                  name=f"x_pos_encoding={x_pos_encoding!r}")
+        self.x_dim = x_dim
         return param_dtype
 
     def _x_pos(self):
         if self.x_pos_emb is not None:
             return layers.gathered(self.x_pos_emb[...].astype(self.dtype))
-        # Fixed code, recomputed at trace time (a constant, not model state).
-        return jnp.asarray(layers.sincos_2d(*self.x_pos_grid, self.x_dim), self.dtype)
+        return jnp.asarray(pix2seq_position_code(*self.x_pos_code), self.dtype)
 
     def _initial_latents(self, batch: int):
-        latents = layers.gathered(self.latent_pos_emb[...].astype(self.dtype)).reshape(
-                1, self.num_groups, self.latents_per_group, self.latent_dim)
+        if self.latent_pos_emb is not None:
+            table = layers.gathered(self.latent_pos_emb[...].astype(self.dtype))
+        else:
+            table = jnp.asarray(pix2seq_position_code(*self.latent_pos_code), self.dtype)
+        latents = table.reshape(1, self.num_groups, self.latents_per_group, self.latent_dim)
         return jnp.broadcast_to(latents, (batch, *latents.shape[1:]))
 
 
@@ -154,12 +227,17 @@ class FITEncoder(_FITBase):
                  num_groups: int = 16, latents_per_group: int = 16, x_dim: int = 384,
                  latent_dim: int = 768, x_heads: int = 6, latent_heads: int = 12,
                  mlp_ratio: float = 4.0, x_pos_encoding: str = "learned",
-                 drop_path_rate: float = 0.0, dropout_rate: float = 0.0, remat: bool = False,
-                 attn_impl: str = "auto", dtype: Any = jnp.float32,
+                 latent_pos_encoding: str = "learned", latent_mask: str = "none",
+                 y_dim: int = 0, drop_path_rate: float = 0.0, dropout_rate: float = 0.0,
+                 remat: bool = False, attn_impl: str = "auto", dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         height, width, self.groups_per_side, grid = _image_geometry(image_size, patch_size,
                                                                    num_groups)
         self.patch_size, self.image_size = patch_size, (height, width)
+        if not isinstance(y_dim, int) or isinstance(y_dim, bool) or y_dim < 0:
+            raise ValueError(f"y_dim must be an int >= 0 (0: no conditioning tokens), got "
+                             f"{y_dim!r}")
+        self.y_dim = y_dim
         param_dtype = self._init_trunk(
                 layers_spec=layer_spec, num_groups=num_groups, tokens_per_group=grid[0] * grid[1],
                 latents_per_group=latents_per_group, x_dim=x_dim, latent_dim=latent_dim,
@@ -167,28 +245,47 @@ class FITEncoder(_FITBase):
                 drop_path_rate=drop_path_rate, dropout_rate=dropout_rate,
                 x_pos_encoding=x_pos_encoding, x_pos_grid=grid, cond_attention=False,
                 remat=remat, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype,
-                rngs=rngs)
+                rngs=rngs, latent_pos_encoding=latent_pos_encoding, latent_mask=latent_mask)
         common = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
         self.stem = layers.xavier_linear(patch_size * patch_size * in_chans, x_dim, axes=_STEM_AXES,
                             **common)
         self.stem_norm = _norm(x_dim, self.dtype, param_dtype)
+        # pix2seq FIT's `stem_y`: conditioning tokens y [B, T, k, y_dim] become k extra tokens
+        # at the front of each group (no position code), seen by every local layer.
+        if y_dim:
+            self.stem_y = layers.xavier_linear(y_dim, x_dim, axes=(None, "embed"), **common)
+            self.stem_y_norm = _norm(x_dim, self.dtype, param_dtype)
+        else:
+            self.stem_y = self.stem_y_norm = None
         self.pool_latents = self.trunk.pairs[-1][1] > 0
         width_out = latent_dim if self.pool_latents else x_dim
         self.head = (layers.xavier_linear(width_out, num_classes, axes=("embed", "classes"), **common)
                      if num_classes else None)
 
-    def forward_features(self, images, *, train: bool = False, rngs: nnx.Rngs | None = None):
-        """Images -> (tokens [B, T, n, c], latents [B, T, m, d_l]), both layer-normalised."""
+    def forward_features(self, images, y=None, *, train: bool = False,
+                         rngs: nnx.Rngs | None = None):
+        """Images (and y [B, T, k, y_dim] when y_dim > 0) -> (tokens [B, T, k + n, c], the
+        y tokens first, latents [B, T, m, d_l]), both layer-normalised."""
         if images.ndim != 4 or tuple(images.shape[1:3]) != self.image_size:
             raise ValueError(f"FITEncoder expects images [B, {self.image_size[0]}, "
                              f"{self.image_size[1]}, C], got {images.shape}")
         x = image_to_group_patches(images.astype(self.dtype), self.groups_per_side,
                                    self.patch_size)
         x = self.stem_norm(self.stem(x)) + self._x_pos()  # no dropout here, as in pix2seq
+        if y is not None:
+            if self.stem_y is None:
+                raise ValueError("y was given but this FITEncoder has y_dim=0: build it with "
+                                 "y_dim=<width of y> to condition on extra tokens")
+            if y.ndim != 4 or y.shape[0] != x.shape[0] or y.shape[1] != self.num_groups \
+                    or y.shape[3] != self.y_dim:
+                raise ValueError(f"y must be [B={x.shape[0]}, T={self.num_groups}, k, "
+                                 f"y_dim={self.y_dim}], got {y.shape}")
+            y = self.stem_y_norm(self.stem_y(y.astype(self.dtype)))
+            x = jnp.concatenate([y.astype(x.dtype), x], axis=2)
         return self.trunk(x, self._initial_latents(x.shape[0]), train=train, rngs=rngs)
 
-    def __call__(self, images, *, train: bool = False, rngs: nnx.Rngs | None = None):
-        x, latents = self.forward_features(images, train=train, rngs=rngs)
+    def __call__(self, images, y=None, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        x, latents = self.forward_features(images, y, train=train, rngs=rngs)
         pooled = jnp.mean(latents if self.pool_latents else x, axis=(1, 2))
         return pooled if self.head is None else self.head(pooled)
 
@@ -199,7 +296,8 @@ class FITAR(_FITBase):
     def __init__(self, *, vocab_size: int = 256, seq_len: int = 1024, layer_spec: str = "(2)4(2)",
                  num_groups: int = 16, latents_per_group: int = 16, x_dim: int = 256,
                  latent_dim: int = 512, x_heads: int = 4, latent_heads: int = 8,
-                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+                 mlp_ratio: float = 4.0, x_pos_encoding: str = "learned",
+                 latent_pos_encoding: str = "learned", drop_path_rate: float = 0.0,
                  dropout_rate: float = 0.0, remat: bool = False, attn_impl: str = "auto",
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         seq_len = layers.check_positive_int(seq_len, "seq_len")
@@ -213,8 +311,9 @@ class FITAR(_FITBase):
                 tokens_per_group=seq_len // num_groups, latents_per_group=latents_per_group,
                 x_dim=x_dim, latent_dim=latent_dim, x_heads=x_heads, latent_heads=latent_heads,
                 mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, dropout_rate=dropout_rate,
-                x_pos_encoding="learned", x_pos_grid=None, cond_attention=False, remat=remat,
-                attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                x_pos_encoding=x_pos_encoding, x_pos_grid=None, cond_attention=False,
+                remat=remat, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs, latent_pos_encoding=latent_pos_encoding)
         self.token_embedding = nnx.Param(with_axes(_EMBED_INIT, ("vocab", "embed"))(
                 rngs.params(), (self.vocab_size, x_dim), param_dtype))
         self.output_bias = nnx.Param(with_axes(_EMBED_INIT, ("vocab",))(
@@ -277,7 +376,10 @@ class FITDenoiser(_FITBase):
                  num_groups: int = 4, latents_per_group: int = 32, x_dim: int = 256,
                  latent_dim: int = 512, x_heads: int = 4, latent_heads: int = 8,
                  mlp_ratio: float = 4.0, self_condition: bool = True,
-                 x_pos_encoding: str = "learned", drop_path_rate: float = 0.0,
+                 x_pos_encoding: str = "learned", latent_pos_encoding: str = "learned",
+                 latent_mask: str = "none", x_self_attention: bool = True,
+                 xattn_with_mlp: bool = False, xattn_enc_ln: bool = True,
+                 drop_path_rate: float = 0.0,
                  dropout_rate: float = 0.0, remat: bool = False, attn_impl: str = "auto",
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         height, width, self.groups_per_side, grid = _image_geometry(image_size, patch_size,
@@ -294,7 +396,9 @@ class FITDenoiser(_FITBase):
                 drop_path_rate=drop_path_rate, dropout_rate=dropout_rate,
                 x_pos_encoding=x_pos_encoding, x_pos_grid=grid, cond_attention=True,
                 remat=remat, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype,
-                rngs=rngs, output_norms=False)
+                rngs=rngs, output_norms=False, latent_pos_encoding=latent_pos_encoding,
+                latent_mask=latent_mask, x_self_attention=x_self_attention,
+                xattn_with_mlp=xattn_with_mlp, xattn_enc_ln=xattn_enc_ln)
         common = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
         patch_dim = patch_size * patch_size * in_chans
         self.stem = layers.xavier_linear(patch_dim, x_dim, axes=_STEM_AXES, **common)
@@ -372,13 +476,17 @@ def fit_param_count(kind: str, **config) -> int:
                             else c[name])
     x_dim, d_l, r = default("x_dim"), default("latent_dim"), int(default("mlp_ratio"))
     groups, m = default("num_groups"), default("latents_per_group")
+    options = {name: default(name) for name in ("x_self_attention", "xattn_with_mlp",
+                                                 "xattn_enc_ln") if name in c}
     total = trunk_param_count(layer_spec=default("layer_spec"), x_dim=x_dim, latent_dim=d_l,
                               mlp_ratio=r, cond_attention=kind == "denoiser",
-                              output_norms=kind != "denoiser")
-    total += groups * m * d_l  # latent_pos_emb
+                              output_norms=kind != "denoiser", **options)
+    if default("latent_pos_encoding") == "learned":
+        total += groups * m * d_l  # latent_pos_emb
     if kind == "ar":
         vocab, n = default("vocab_size"), default("seq_len") // groups
-        return total + n * x_dim + vocab * x_dim + vocab
+        x_pos = n * x_dim if default("x_pos_encoding") == "learned" else 0
+        return total + x_pos + vocab * x_dim + vocab
     size = default("image_size")
     side = math.isqrt(groups)
     p, ch = default("patch_size"), default("in_chans")
@@ -388,6 +496,8 @@ def fit_param_count(kind: str, **config) -> int:
     if default("x_pos_encoding") == "learned":
         total += n * x_dim
     if kind == "encoder":
+        y_dim = default("y_dim")
+        total += y_dim * x_dim + 3 * x_dim if y_dim else 0  # stem_y + its LN
         classes = default("num_classes")
         pooled = d_l if parse_layer_spec(default("layer_spec"))[-1][1] else x_dim
         return total + (pooled * classes + classes if classes else 0)

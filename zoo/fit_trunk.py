@@ -21,7 +21,17 @@ registered sizes that is a 4-7x smaller std than Glorot on the flattened matrix;
 after the GELU only (the reference's FeedForwardLayer); learned embeddings trunc-normal 0.02; read/write layers are `q + MHA(LN(q), LN_kv(kv))` with no MLP,
 min(latent_heads, x_heads) heads of key width min(d_l, c) // heads, value width = key width,
 output projected back to the query width. x position embedding [n, c] is shared by all groups
-(learned, or fixed 2-D sin-cos with `x_pos_encoding="sincos"`).
+(zoo/fit.py: learned, or pix2seq's fixed sin-cos codes).
+
+pix2seq's options, all off by default as there:
+  * `latent_mask="causal"` (its `mask='causal'`, FIT and FITDenoiser): the global layers are
+    chunk-causal over the latents, as FIT-AR's, without FIT-AR's causal tokens or shifted
+    writes;
+  * `x_self_attention=False` (FITDenoiser): local layers are MLP blocks only;
+  * `xattn_with_mlp=True` (FITDenoiser): read and write layers add a pre-LN MLP block
+    (width mlp_ratio x the query width, no dropout);
+  * `xattn_enc_ln=False` (FITDenoiser): read, write and condition layers attend to their
+    keys/values without LN_kv.
 
 Attention, all through `kernels_pallas.attention`:
   * local layers fold the groups into the batch ([B*T, n, c]): each group is a small dense
@@ -64,6 +74,7 @@ from kernels_pallas import sharding
 from zoo import axes, layers
 
 NORM_EPS = 1e-6
+LATENT_MASKS = ("none", "causal")
 
 
 def parse_layer_spec(spec: str) -> list[tuple[int, int]]:
@@ -87,14 +98,19 @@ def parse_layer_spec(spec: str) -> list[tuple[int, int]]:
 
 
 class FITLayer(nnx.Module):
-    """Pre-LN self-attention + MLP (the reference's TransformerEncoderLayer)."""
+    """Pre-LN self-attention + MLP (the reference's TransformerEncoderLayer); with
+    `self_attention=False` the MLP block alone (pix2seq's `x_self_attention=False`)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, drop_path: float,
-                 dropout: float, attn_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+                 dropout: float, attn_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 self_attention: bool = True):
         common = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
-        self.attn = layers.Attention(dim, num_heads, attn_impl=attn_impl, glorot_per_head=True,
-                                     rngs=rngs, **common)
+        if self_attention:
+            self.norm1 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
+            self.attn = layers.Attention(dim, num_heads, attn_impl=attn_impl,
+                                         glorot_per_head=True, rngs=rngs, **common)
+        else:
+            self.norm1 = self.attn = None
         self.norm2 = layers.LayerNorm(dim, eps=NORM_EPS, **common)
         # pix2seq's FeedForwardLayer: dense1 -> GELU -> dropout -> dense2, nothing after.
         self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), drop=dropout, output_dropout=False,
@@ -103,30 +119,46 @@ class FITLayer(nnx.Module):
 
     def __call__(self, x, bias=None, *, causal: bool = False, causal_chunk: int | None = None,
                  train: bool = False, rngs: nnx.Rngs | None = None):
-        y = self.attn(self.norm1(x), bias=bias, causal=causal, causal_chunk=causal_chunk,
-                      train=train, rngs=rngs)
-        x = x + self.drop_path(y, train=train, rngs=rngs)
+        if self.attn is not None:
+            y = self.attn(self.norm1(x), bias=bias, causal=causal, causal_chunk=causal_chunk,
+                          train=train, rngs=rngs)
+            x = x + self.drop_path(y, train=train, rngs=rngs)
         y = self.mlp(self.norm2(x), train=train, rngs=rngs)
         return axes.constrain(x + self.drop_path(y, train=train, rngs=rngs), axes.TOKENS)
 
 
 class CrossAttention(nnx.Module):
-    """q + MHA(LN(q), LN_kv(kv)): the read/write (and l2c) layers, no MLP."""
+    """q + MHA(LN(q), LN_kv(kv)): the read/write (and l2c) layers.
+
+    `kv_norm=False` drops LN_kv (pix2seq's `xattn_enc_ln=False`); `mlp_ratio` adds the pre-LN
+    MLP block q + MLP(LN(q)) after the attention (its `xattn_with_mlp`, no dropout, as there).
+    """
 
     def __init__(self, q_dim: int, kv_dim: int, num_heads: int, key_width: int, *,
-                 attn_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+                 attn_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 kv_norm: bool = True, mlp_ratio: float | None = None):
         if key_width % num_heads:
             raise ValueError(f"cross-attention key width {key_width} is not divisible by its "
                              f"{num_heads} heads")
         common = dict(dtype=dtype, param_dtype=param_dtype)
         self.q_norm = layers.LayerNorm(q_dim, eps=NORM_EPS, **common)
-        self.kv_norm = layers.LayerNorm(kv_dim, eps=NORM_EPS, **common)
+        self.kv_norm = layers.LayerNorm(kv_dim, eps=NORM_EPS, **common) if kv_norm else None
         self.attn = layers.Attention(q_dim, num_heads, head_dim=key_width // num_heads,
                                      cross_attention=True, kv_dim=kv_dim, attn_impl=attn_impl,
                                      glorot_per_head=True, rngs=rngs, **common)
+        if mlp_ratio:
+            self.mlp_norm = layers.LayerNorm(q_dim, eps=NORM_EPS, **common)
+            self.mlp = layers.Mlp(q_dim, int(q_dim * mlp_ratio), output_dropout=False,
+                                  kernel_init=layers.XAVIER_INIT, rngs=rngs, **common)
+        else:
+            self.mlp_norm = self.mlp = None
 
     def __call__(self, q, kv, *, train: bool = False, rngs: nnx.Rngs | None = None):
-        out = q + self.attn(self.q_norm(q), self.kv_norm(kv), train=train, rngs=rngs)
+        if self.kv_norm is not None:
+            kv = self.kv_norm(kv)
+        out = q + self.attn(self.q_norm(q), kv, train=train, rngs=rngs)
+        if self.mlp is not None:
+            out = out + self.mlp(self.mlp_norm(out), train=train, rngs=rngs)
         return axes.constrain(out, axes.TOKENS)
 
 
@@ -149,8 +181,13 @@ class FITTrunk(nnx.Module):
                  latents_per_group: int, x_dim: int, latent_dim: int, x_heads: int,
                  latent_heads: int, mlp_ratio: float, drop_path_rate: float, dropout_rate: float,
                  cond_attention: bool, remat: bool, attn_impl: str, dtype: Any,
-                 param_dtype: Any, rngs: nnx.Rngs, output_norms: bool = True):
+                 param_dtype: Any, rngs: nnx.Rngs, output_norms: bool = True,
+                 latent_mask: str = "none", x_self_attention: bool = True,
+                 xattn_with_mlp: bool = False, xattn_enc_ln: bool = True):
+        if latent_mask not in LATENT_MASKS:
+            raise ValueError(f"latent_mask must be one of {LATENT_MASKS}, got {latent_mask!r}")
         self.pairs = tuple(parse_layer_spec(layer_spec))
+        self.latent_mask = latent_mask
         self.num_groups, self.tokens_per_group = num_groups, tokens_per_group
         self.latents_per_group = latents_per_group
         self.x_dim, self.latent_dim = x_dim, latent_dim
@@ -162,21 +199,26 @@ class FITTrunk(nnx.Module):
         common = dict(attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         layer_args = dict(drop_path=drop_path_rate, dropout=dropout_rate, **common)
         rw_heads, rw_width = min(latent_heads, x_heads), min(latent_dim, x_dim)
+        rw_args = dict(kv_norm=bool(xattn_enc_ln),
+                       mlp_ratio=mlp_ratio if xattn_with_mlp else None, **common)
         x_nets, reads, l_nets, writes, l2c = [], [], [], [], []
         for i, (local, global_) in enumerate(self.pairs):
-            x_nets.append(nnx.List([FITLayer(x_dim, x_heads, mlp_ratio, **layer_args)
+            x_nets.append(nnx.List([FITLayer(x_dim, x_heads, mlp_ratio,
+                                             self_attention=bool(x_self_attention), **layer_args)
                                     for _ in range(local)]))
             if global_:
-                reads.append(CrossAttention(latent_dim, x_dim, rw_heads, rw_width, **common))
+                reads.append(CrossAttention(latent_dim, x_dim, rw_heads, rw_width, **rw_args))
                 l_nets.append(nnx.List([FITLayer(latent_dim, latent_heads, mlp_ratio,
                                                  **layer_args) for _ in range(global_)]))
+                # the condition layer never has an MLP, but follows xattn_enc_ln (pix2seq)
                 l2c.append(CrossAttention(latent_dim, latent_dim, latent_heads, latent_dim,
-                                          **common) if cond_attention else None)
+                                          kv_norm=bool(xattn_enc_ln), **common)
+                           if cond_attention else None)
             else:
                 reads.append(None)
                 l_nets.append(nnx.List([]))
                 l2c.append(None)
-            writes.append(CrossAttention(x_dim, latent_dim, rw_heads, rw_width, **common)
+            writes.append(CrossAttention(x_dim, latent_dim, rw_heads, rw_width, **rw_args)
                           if i < len(self.pairs) - 1 else None)
         self.x_networks, self.reads = nnx.List(x_nets), nnx.List(reads)
         self.latent_networks, self.writes = nnx.List(l_nets), nnx.List(writes)
@@ -197,7 +239,10 @@ class FITTrunk(nnx.Module):
         b, t, n, c = x.shape
         m, d = latents.shape[2], latents.shape[3]
         x = x.reshape(b * t, n, c)
-        latent_causality = (dict(causal=True, causal_chunk=m) if autoregressive else {})
+        # FIT-AR, and pix2seq's mask='causal' option of FIT and FITDenoiser: the global layers
+        # see the latents of their own and earlier groups only.
+        latent_causality = (dict(causal=True, causal_chunk=m)
+                            if autoregressive or self.latent_mask == "causal" else {})
         kw = dict(train=train, rngs=rngs)
         for i, (local, global_) in enumerate(self.pairs):
             with sharding.groups_in_batch():
@@ -231,27 +276,36 @@ class FITTrunk(nnx.Module):
 # Parameter count from the configuration (papers.md §1.8), tested against the modules.
 # ---------------------------------------------------------------------------------------------
 
-def _self_layer(dim, r):
-    return (4 + 2 * r) * dim * dim + (9 + r) * dim
+def _self_layer(dim, r, attention=True):
+    mlp_block = 2 * r * dim * dim + r * dim + dim + 2 * dim  # MLP + its LN
+    return mlp_block + (4 * dim * dim + 4 * dim + 2 * dim if attention else 0)
 
 
-def _cross_layer(q_w, kv_w, k):
-    return q_w * k + k + 2 * (kv_w * k + k) + k * q_w + q_w + 2 * q_w + 2 * kv_w
+def _cross_layer(q_w, kv_w, k, r=0, kv_norm=True):
+    attention = q_w * k + k + 2 * (kv_w * k + k) + k * q_w + q_w
+    norms = 2 * q_w + (2 * kv_w if kv_norm else 0)
+    mlp_block = 2 * r * q_w * q_w + r * q_w + q_w + 2 * q_w if r else 0
+    return attention + norms + mlp_block
 
 
 def trunk_param_count(*, layer_spec: str, x_dim: int, latent_dim: int, mlp_ratio: float = 4.0,
-                      cond_attention: bool = False, output_norms: bool = True) -> int:
+                      cond_attention: bool = False, output_norms: bool = True,
+                      x_self_attention: bool = True, xattn_with_mlp: bool = False,
+                      xattn_enc_ln: bool = True) -> int:
     """Parameters of the trunk: local/global layers, read/write (+ l2c) layers, output LNs."""
     r = int(mlp_ratio)
     pairs = parse_layer_spec(layer_spec)
     k = min(x_dim, latent_dim)
+    rw = dict(r=r if xattn_with_mlp else 0, kv_norm=xattn_enc_ln)
     total = 2 * x_dim + 2 * latent_dim if output_norms else 0  # output LayerNorms
     for i, (local, global_) in enumerate(pairs):
-        total += local * _self_layer(x_dim, r)
+        total += local * _self_layer(x_dim, r, attention=x_self_attention)
         if global_:
-            total += global_ * _self_layer(latent_dim, r) + _cross_layer(latent_dim, x_dim, k)
+            total += global_ * _self_layer(latent_dim, r) + _cross_layer(latent_dim, x_dim, k,
+                                                                         **rw)
             if cond_attention:
-                total += _cross_layer(latent_dim, latent_dim, latent_dim)
+                total += _cross_layer(latent_dim, latent_dim, latent_dim,
+                                      kv_norm=xattn_enc_ln)
         if i < len(pairs) - 1:
-            total += _cross_layer(x_dim, latent_dim, k)
+            total += _cross_layer(x_dim, latent_dim, k, **rw)
     return total

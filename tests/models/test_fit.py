@@ -175,12 +175,17 @@ def count(model):
         ("encoder", "fit_encoder_b", dict()),
         ("encoder", "fit_encoder_b", dict(layer_spec="(2)3", x_dim=96, latent_dim=64,
                                           x_heads=4, latent_heads=4, num_classes=0)),
-        ("encoder", "fit_encoder_b", dict(layer_spec="(1)2(1)", x_pos_encoding="sincos")),
+        ("encoder", "fit_encoder_b", dict(layer_spec="(1)2(1)", x_pos_encoding="sin_cos2d",
+                                          latent_pos_encoding="sin_cos", y_dim=7)),
         ("ar", "fit_ar_small", dict()),
+        ("ar", "fit_ar_small", dict(x_pos_encoding="sin_cos", latent_pos_encoding="sin_cos")),
         ("ar", "fit_ar_small", dict(layer_spec="(3)1(2)2", x_dim=512, latent_dim=128,
                                     x_heads=8, latent_heads=2, mlp_ratio=2.0)),
         ("denoiser", "fit_denoiser_64", dict()),
         ("denoiser", "fit_denoiser_64", dict(cond_dim=1000, self_condition=False)),
+        ("denoiser", "fit_denoiser_64", dict(x_self_attention=False, xattn_with_mlp=True,
+                                             xattn_enc_ln=False, cond_dim=10,
+                                             x_pos_encoding="sin_cos", latent_mask="causal")),
 ])
 def test_parameter_formula_matches_the_module(kind, name, kw):
     base = {"encoder": fit._ENCODER_B, "ar": fit._AR_SMALL, "denoiser": fit._DENOISER_64}[kind]
@@ -200,3 +205,19 @@ def test_bad_arguments():
     model = ar_model()
     with pytest.raises(ValueError, match="expects tokens \\[B, 24\\]"):
         model(jnp.zeros((1, 12), jnp.int32))
+
+
+def test_pix2seq_option_errors_name_the_field():
+    with pytest.raises(ValueError, match="x_pos_encoding must be one of .*'sincos'"):
+        encoder(x_pos_encoding="sincos")
+    with pytest.raises(ValueError, match="latent_pos_encoding must be one of"):
+        encoder(latent_pos_encoding="sin_cos2d")
+    with pytest.raises(ValueError, match="latent_mask must be one of"):
+        encoder(latent_mask="chunk")
+    with pytest.raises(ValueError, match="'sin_cos2d' needs a square grid"):
+        ar_model(x_pos_encoding="sin_cos2d")
+    with pytest.raises(ValueError, match="y_dim must be an int >= 0"):
+        encoder(y_dim=-1)
+    model = encoder()
+    with pytest.raises(ValueError, match="y_dim=0"):
+        model(jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 4, 2, 3)))

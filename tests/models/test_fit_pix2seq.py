@@ -79,6 +79,70 @@ def test_official_fit_denoiser():
     assert _relative_error(latents, part["outputs/latents"]) < 1e-5  # raw, not normalised
 
 
+# pix2seq's options (tools/make_fit_fixture.py "*_options"): sin-cos positions, the causal latent
+# mask, y tokens, local layers without attention, read/write layers with an MLP and without LN_kv.
+
+def test_official_fit_encoder_options():
+    part, state, spec = _fixture("fit_options")
+    assert spec["x_pos_encoding"] == "sin_cos2d" and spec["mask"] == "causal"
+    side = math.isqrt(spec["num_groups"])
+    grid = math.isqrt(spec["x_size"] // spec["num_groups"])  # 2 x 2 patches per group
+    size = side * grid * 2
+    model = zoo.convert.from_pix2seq_fit(
+            state, num_groups=spec["num_groups"], image_size=size, patch_size=2,
+            x_pos_encoding="sin_cos2d", latents_per_group=spec["latents_per_group"],
+            latent_mask="causal")
+    assert model.latent_pos_emb is None and model.x_pos_emb is None
+    assert model.y_dim == part["inputs/y"].shape[-1]
+    image = fit_lib.group_patches_to_image(jnp.asarray(part["inputs/patches"]), side, 2,
+                                           size, size)
+    x, latents = nnx.jit(lambda m, i, y: m.forward_features(i, y))(
+            model, image, jnp.asarray(part["inputs/y"]))
+    assert _relative_error(x, part["outputs/x"]) < 1e-5  # y tokens first, as pix2seq
+    assert _relative_error(latents, part["outputs/latents"]) < 1e-5
+
+
+def test_official_fit_ar_options():
+    part, state, spec = _fixture("fitar_options")
+    with pytest.raises(ValueError, match=r"pass \['latents_per_group', 'x_pos_encoding', "
+                                         r"'seq_len'\]"):
+        zoo.convert.from_pix2seq_fit(state, num_groups=spec["num_groups"])
+    model = zoo.convert.from_pix2seq_fit(
+            state, num_groups=spec["num_groups"], x_pos_encoding="sin_cos",
+            latents_per_group=spec["latents_per_group"], seq_len=spec["x_size"])
+    tokens = jnp.asarray(part["inputs/tokens"]).reshape(2, -1)
+    logits = nnx.jit(lambda m, t: m(t))(model, tokens)
+    expected = part["outputs/logits"].reshape(2, tokens.shape[1], -1)
+    assert _relative_error(logits, expected) < 1e-5
+
+
+def test_official_fit_denoiser_options():
+    part, state, spec = _fixture("denoiser_options")
+    args, side = _image_args(spec)
+    model = zoo.convert.from_pix2seq_fit(
+            state, num_groups=spec["num_groups"], x_pos_encoding="sin_cos",
+            latents_per_group=spec["latents_per_group"], latent_mask="causal", **args)
+    trunk = model.trunk
+    assert trunk.x_networks[0][0].attn is None and trunk.reads[0].mlp is not None
+    assert trunk.reads[0].kv_norm is None and trunk.cond_attention[0].kv_norm is None
+    image = fit_lib.group_patches_to_image(jnp.asarray(part["inputs/patches"]), side, 2,
+                                           *args["image_size"])
+    run = nnx.jit(lambda m, i, g, c, p: m(i, g, c, latents_prev=p))
+    prediction, latents = run(model, image, jnp.asarray(part["inputs/gamma"]),
+                              jnp.asarray(part["inputs/cond"]),
+                              jnp.asarray(part["inputs/latents_prev"]))
+    patches = fit_lib.image_to_group_patches(prediction, side, 2)
+    assert _relative_error(patches, part["outputs/prediction"]) < 1e-5
+    assert _relative_error(latents, part["outputs/latents"]) < 1e-5
+    # without the mask the latents of early groups would see later ones: a different answer
+    unmasked = zoo.convert.from_pix2seq_fit(
+            state, num_groups=spec["num_groups"], x_pos_encoding="sin_cos",
+            latents_per_group=spec["latents_per_group"], **args)
+    _, other = run(unmasked, image, jnp.asarray(part["inputs/gamma"]),
+                   jnp.asarray(part["inputs/cond"]), jnp.asarray(part["inputs/latents_prev"]))
+    assert _relative_error(other, part["outputs/latents"]) > 1e-3
+
+
 def test_converter_errors_name_what_is_missing():
     _, state, spec = _fixture("denoiser")
     args, _ = _image_args(spec)

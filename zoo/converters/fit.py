@@ -13,6 +13,12 @@ whatever the Keras layer was called, so it is stripped. MultiHeadAttention kerne
 What the weights do not record is passed as overrides: `num_groups` (the latent table holds
 groups * latents_per_group rows), and for images `image_size`, `patch_size` and `in_chans`
 (the stem sees patch_size**2 * in_chans values per token; default 2x2x3 must match).
+Models with fixed sin-cos codes have no position tables, so they also need what those tables
+would tell: `x_pos_encoding` ("sin_cos" or "sin_cos2d"), `latents_per_group` when the latents
+use "sin_cos" (inferred), and FIT-AR's `seq_len`. pix2seq's `mask='causal'` leaves no trace in
+the weights either: pass `latent_mask="causal"`. Inferred from which variables exist:
+`x_self_attention` (no "mha" in the local layers), `xattn_with_mlp` (an "mlp" in the
+read/write layers), `xattn_enc_ln` ("cross_mha/enc_ln") and the encoder's `y_dim` ("stem_y").
 """
 from __future__ import annotations
 
@@ -87,8 +93,9 @@ def _attention(attn, reader, prefix):
 
 
 def _self_layer(layer, reader, prefix, mha):
-    _norm(layer.norm1, reader, f"{prefix}/{mha}/ln")
-    _attention(layer.attn, reader, f"{prefix}/{mha}")
+    if layer.attn is not None:
+        _norm(layer.norm1, reader, f"{prefix}/{mha}/ln")
+        _attention(layer.attn, reader, f"{prefix}/{mha}")
     _norm(layer.norm2, reader, f"{prefix}/mlp/ffn/ln")
     _dense(layer.mlp.fc1, reader, f"{prefix}/mlp/ffn/dense1")
     _dense(layer.mlp.fc2, reader, f"{prefix}/mlp/ffn/dense2")
@@ -96,8 +103,13 @@ def _self_layer(layer, reader, prefix, mha):
 
 def _cross_layer(layer, reader, prefix):
     _norm(layer.q_norm, reader, f"{prefix}/cross_mha/ln")
-    _norm(layer.kv_norm, reader, f"{prefix}/cross_mha/enc_ln")
+    if layer.kv_norm is not None:
+        _norm(layer.kv_norm, reader, f"{prefix}/cross_mha/enc_ln")
     _attention(layer.attn, reader, f"{prefix}/cross_mha")
+    if layer.mlp is not None:
+        _norm(layer.mlp_norm, reader, f"{prefix}/mlp/ffn/ln")
+        _dense(layer.mlp.fc1, reader, f"{prefix}/mlp/ffn/dense1")
+        _dense(layer.mlp.fc2, reader, f"{prefix}/mlp/ffn/dense2")
 
 
 def _layer_spec(reader) -> str:
@@ -136,31 +148,59 @@ def fit_from_pix2seq(state_dict: Mapping[str, Any], *, kind: str | None = None,
                          "int; pix2seq weights hold T * latents_per_group latents, not T)")
     model_class = {"encoder": fit_lib.FITEncoder, "ar": fit_lib.FITAR,
                    "denoiser": fit_lib.FITDenoiser}[kind]
-    inferred = ("layer_spec", "latents_per_group", "x_dim", "latent_dim", "x_heads",
-                "latent_heads", "mlp_ratio", "num_groups", "vocab_size", "seq_len",
-                "num_classes", "cond_dim", "self_condition")
-    check_overrides(overrides, model_args=model_arguments(model_class),
-                    inferred=inferred, fixed=(), model=f"FIT {kind}",
-                    entry_point="fit_from_pix2seq")
     reader = StateDictReader(_strip_model_name(state_dict))
     mha = "self_mha" if kind == "ar" else "mha"
     layer = "transformer_decoder_layer" if kind == "ar" else "transformer_encoder"
-    latents, latent_dim = reader.shape("latent_pos_emb/kernel/vis_pos_embedding")
-    if latents % num_groups:
-        raise ValueError(f"num_groups={num_groups} does not divide the {latents} latents of "
-                         "latent_pos_emb")
-    tokens_per_group, x_dim = reader.shape("x_pos_emb/kernel/vis_pos_embedding")
-    first = f"x_network/{layer}/{mha}"
-    x_heads = _heads(reader, first)
+    learned_latents = reader.has("latent_pos_emb/kernel/vis_pos_embedding")
+    learned_x = reader.has("x_pos_emb/kernel/vis_pos_embedding")
+    x_self_attention = reader.has(f"x_network/{layer}/{mha}/query/kernel")
+    inferred = ["layer_spec", "x_dim", "latent_dim", "x_heads", "latent_heads", "mlp_ratio",
+                "num_groups", "vocab_size", "num_classes", "cond_dim", "self_condition",
+                "latent_pos_encoding", "x_self_attention", "xattn_with_mlp", "xattn_enc_ln",
+                "y_dim"]
+    inferred += ["latents_per_group"] if learned_latents else []
+    inferred += (["x_pos_encoding"] + (["seq_len"] if kind == "ar" else [])) if learned_x else []
+    check_overrides(overrides, model_args=model_arguments(model_class),
+                    inferred=inferred, fixed=(), model=f"FIT {kind}",
+                    entry_point="fit_from_pix2seq")
+    needed = ([] if learned_latents else ["latents_per_group"]) + (
+            [] if learned_x else ["x_pos_encoding"] + (["seq_len"] if kind == "ar" else []))
+    missing = [name for name in needed if name not in overrides]
+    if missing:
+        raise ValueError(f"pass {missing}: these weights use fixed sin-cos position codes "
+                         f"(no position table), which do not record them")
+    latent_dim = reader.shape(f"l_network/{layer}/{mha}/query/kernel")[0]
+    if learned_latents:
+        latents = reader.shape("latent_pos_emb/kernel/vis_pos_embedding")[0]
+        if latents % num_groups:
+            raise ValueError(f"num_groups={num_groups} does not divide the {latents} latents "
+                             "of latent_pos_emb")
+        latents_per_group = latents // num_groups
+    else:
+        latents_per_group = overrides["latents_per_group"]
+    x_dim, hidden = reader.shape(f"x_network/{layer}/mlp/ffn/dense1/kernel")
     latent_heads = _heads(reader, f"l_network/{layer}/{mha}")
-    hidden = reader.shape(f"x_network/{layer}/mlp/ffn/dense1/kernel")[1]
+    if x_self_attention:
+        x_heads = _heads(reader, f"x_network/{layer}/{mha}")
+    else:
+        # without local attention x_heads only enters as min(latent_heads, x_heads), the
+        # heads of the read/write layers
+        x_heads = _heads(reader, "l2x_cross_attn/cross_mha")
     architecture = dict(layer_spec=_layer_spec(reader), num_groups=num_groups,
-                        latents_per_group=latents // num_groups, x_dim=x_dim,
+                        latents_per_group=latents_per_group, x_dim=x_dim,
                         latent_dim=latent_dim, x_heads=x_heads, latent_heads=latent_heads,
                         mlp_ratio=hidden / x_dim)
+    if not learned_latents:
+        architecture["latent_pos_encoding"] = "sin_cos"
+    if kind == "denoiser":
+        architecture.update(x_self_attention=x_self_attention,
+                            xattn_with_mlp=reader.has("l2x_cross_attn/mlp/ffn/ln/gamma"),
+                            xattn_enc_ln=reader.has("l2x_cross_attn/cross_mha/enc_ln/gamma"))
     if kind == "ar":
-        vocab = reader.shape("token_embedding")[0]
-        architecture.update(vocab_size=vocab, seq_len=num_groups * tokens_per_group)
+        architecture.update(vocab_size=reader.shape("token_embedding")[0])
+        if learned_x:
+            tokens_per_group = reader.shape("x_pos_emb/kernel/vis_pos_embedding")[0]
+            architecture.update(seq_len=num_groups * tokens_per_group)
     else:
         patch_dim = reader.shape("stem/kernel")[0]
         patch, chans = overrides.get("patch_size", 2), overrides.get("in_chans", 3)
@@ -171,7 +211,8 @@ def fit_from_pix2seq(state_dict: Mapping[str, Any], *, kind: str | None = None,
             raise ValueError("pass image_size: pix2seq's FIT takes patches, so the weights do "
                              "not record the image they come from")
         if kind == "encoder":
-            architecture.update(num_classes=0)
+            architecture.update(num_classes=0, y_dim=reader.shape("stem_y/kernel")[0]
+                                if reader.has("stem_y/kernel") else 0)
         else:
             architecture.update(cond_dim=reader.shape("cond_proj/kernel")[0]
                                 if reader.has("cond_proj/kernel") else 0,
@@ -200,15 +241,20 @@ def fit_from_pix2seq(state_dict: Mapping[str, Any], *, kind: str | None = None,
         else:  # FITAR builds no l_output_ln (its latents leave no output): identity
             assign(trunk.latent_norm.scale, np.ones(latent_dim, np.float32), "l_output_ln")
             assign(trunk.latent_norm.bias, np.zeros(latent_dim, np.float32), "l_output_ln")
-    assign(model.latent_pos_emb, reader.get("latent_pos_emb/kernel/vis_pos_embedding"),
-           "latent_pos_emb")
-    assign(model.x_pos_emb, reader.get("x_pos_emb/kernel/vis_pos_embedding"), "x_pos_emb")
+    if model.latent_pos_emb is not None:
+        assign(model.latent_pos_emb, reader.get("latent_pos_emb/kernel/vis_pos_embedding"),
+               "latent_pos_emb")
+    if model.x_pos_emb is not None:
+        assign(model.x_pos_emb, reader.get("x_pos_emb/kernel/vis_pos_embedding"), "x_pos_emb")
     if kind == "ar":
         assign(model.token_embedding, reader.get("token_embedding"), "token_embedding")
         assign(model.output_bias, reader.get("outp_bias"), "outp_bias")
     else:
         _dense(model.stem, reader, "stem")
         _norm(model.stem_norm, reader, "stem_ln")
+    if kind == "encoder" and model.stem_y is not None:
+        _dense(model.stem_y, reader, "stem_y")
+        _norm(model.stem_y_norm, reader, "stem_y_ln")
     if kind == "denoiser":
         _dense(model.time_emb.dense0, reader, "time_emb/dense0")
         _dense(model.time_emb.dense1, reader, "time_emb/dense1")
