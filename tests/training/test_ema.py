@@ -2,6 +2,7 @@
 resume with it, evaluation of the averaged weights, and switching it on for an existing run."""
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from training_helpers import tiny_config
+from training_helpers import goodput_figures, tiny_config
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import ema as ema_lib
 from zoo.training import state as state_lib
@@ -60,6 +61,11 @@ def _restore(config, workdir, subtree, step=None):
                                        subtree=subtree)[1]
 
 
+def _last_train_record(workdir) -> dict:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "train/loss" in r][-1]
+
+
 def test_ema_checkpoints_resumes_bit_exactly_and_is_evaluated(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     config = _run(straight, 4)
@@ -73,6 +79,13 @@ def test_ema_checkpoints_resumes_bit_exactly_and_is_evaluated(tmp_path):
     differs = [not np.array_equal(a, m) for a, m in zip(jax.tree.leaves(ema_a),
                                                          jax.tree.leaves(model))]
     assert sum(differs) > len(differs) // 2, "the average equals the model: no averaging"
+    # Goodput of the last record (step 4): the straight run has saved step 2 (synchronously)
+    # and found nothing to restore; the resumed run measured its own, real, restore.
+    straight_goodput = goodput_figures(_last_train_record(straight))
+    resumed_goodput = goodput_figures(_last_train_record(resumed))
+    assert straight_goodput["checkpoint_save_s"] > 0
+    assert (resumed_goodput["checkpoint_restore_s"]
+            > straight_goodput["checkpoint_restore_s"]), (straight_goodput, resumed_goodput)
     result = evaluate_checkpoint(config, str(straight), None)
     assert result["step"] == 4 and "ema" in result
     assert set(result["ema"]) == set(result) - {"step", "ema"}

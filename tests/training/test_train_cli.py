@@ -21,6 +21,7 @@ import pytest
 
 from cli_runs import (RUN_FLAGS, TOTAL_STEPS, metrics, run, start, steps, finish,
                       train_command)
+from training_helpers import goodput_figures
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,16 @@ def test_reference_run_trains_logs_evaluates_and_checkpoints(reference_run):
     assert "inputs image float32[16, 16, 16, 3] -> outputs float32[16, 10]" in stdout
     assert "TFLOP/s/device" in stdout and "MFU n/a" in stdout
     assert "FLOPs per step per device" in stderr
+    # Goodput (zoo/training/goodput.py) on every train record: totals so far, so wall time and
+    # every kind only grow; saves (every 4 steps, asynchronous) are counted once one happened.
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    figures = [goodput_figures(r) for r in records if "train/loss" in r]
+    assert len(figures) == TOTAL_STEPS // 2
+    for before, after in zip(figures, figures[1:]):
+        assert all(after[k] >= before[k] for k in before if k.endswith("_s")), (before, after)
+    assert figures[-1]["checkpoint_save_s"] > 0 and figures[-1]["eval_s"] > 0
+    assert figures[-1]["data_wait_s"] > 0 and figures[-1]["step_s"] > 0
+    assert stdout.strip().splitlines()[-1].startswith("goodput ")
 
 
 def test_eval_cli_on_one_device_reproduces_the_training_eval(reference_run, run_env):

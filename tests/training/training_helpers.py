@@ -74,3 +74,26 @@ def synthetic_batch(step: int, batch_size: int = 16, *, with_mask: bool = False)
 
 def put(batch: dict, sharding) -> dict:
     return {k: jax.device_put(jnp.asarray(v), sharding) for k, v in batch.items()}
+
+
+def goodput_figures(record: dict) -> dict:
+    """The `perf/goodput/...` figures of one train record of metrics.jsonl (the prefix dropped),
+    after checking what holds for every record: all kinds present and non-negative, and the
+    goodput plus the measured badput fractions at most 1 (they are disjoint spans of the wall
+    clock), and with "other" (the rest) exactly 1."""
+    import pytest
+
+    from zoo.training import goodput
+
+    figures = {k[len(goodput.PREFIX):]: v for k, v in record.items()
+               if k.startswith(goodput.PREFIX)}
+    kinds = (*goodput.KINDS, "other")
+    expected = {"wall_s", "step_s", "fraction"} | {f"{kind}_{unit}" for kind in kinds
+                                                   for unit in ("s", "fraction")}
+    assert set(figures) == expected, sorted(figures)
+    assert all(v >= 0 for v in figures.values()), figures
+    measured = [figures["fraction"]] + [figures[f"{kind}_fraction"] for kind in goodput.KINDS]
+    assert sum(measured) <= 1 + 1e-6, figures
+    assert sum(measured) + figures["other_fraction"] == pytest.approx(1.0, abs=1e-6), figures
+    assert 0 < figures["fraction"] < 1 and figures["compile_s"] > 0, figures
+    return figures

@@ -7,6 +7,9 @@ loop with logging, evaluation, checkpoints and preemption. `train.py` is its com
 and notebooks call it directly.
 
 Run directory: checkpoints/ (orbax), metrics.jsonl, tensorboard/, config.json, profile/.
+Where the wall time went (compile, data waits, checkpoint saves and restores, eval, and the
+goodput: the fraction spent in train steps) is logged as `perf/goodput/...` on every train log
+record and summarised at the end; zoo/training/goodput.py defines each figure.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from kernels_pallas.sharding import ShardingError
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import config as config_lib
 from zoo.training import ema as ema_lib
+from zoo.training import goodput as goodput_lib
 from zoo.training import init_from
 from zoo.training import mesh as mesh_lib
 from zoo.training import optim as optim_lib
@@ -105,6 +109,7 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
     restored (unless `allow_restart_from_scratch`, which moves them aside and starts over),
     TrainingDiverged when the loss or a norm becomes NaN/inf. A second run on a workdir that a
     live run owns is a ConfigError (zoo/training/workdir_lock.py)."""
+    goodput = goodput_lib.GoodputRecorder()  # the run's wall clock starts here
     # ------------------------------------------------------------------------------------------
     # Config checks: every mistake is one line, before any compilation.
     # ------------------------------------------------------------------------------------------
@@ -112,11 +117,13 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
                                num_processes=jax.process_count())
     with workdir_lock.hold(workdir):
         _train_and_evaluate(config, workdir, profile_steps=profile_steps,
-                            allow_restart_from_scratch=allow_restart_from_scratch)
+                            allow_restart_from_scratch=allow_restart_from_scratch,
+                            goodput=goodput)
 
 
 def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] | None,
-                        allow_restart_from_scratch: bool) -> None:
+                        allow_restart_from_scratch: bool,
+                        goodput: goodput_lib.GoodputRecorder) -> None:
     is_lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_lead:
@@ -170,6 +177,7 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
                 f"{error}") from None
     compiled_step = lowered_step.compile()
     compile_seconds = time.perf_counter() - compile_start
+    goodput.add("compile", compile_seconds)
     flops_per_device = reporting.compiled_flops(compiled_step)
     device_kind = jax.devices()[0].device_kind
     peak = reporting.device_peak_flops(device_kind)
@@ -184,8 +192,9 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          keep=config.keep_checkpoints,
                                          async_save=config.async_checkpointing)
-    restored = _restore(checkpointer, state_target, train_iter, state_shardings,
-                        allow_restart_from_scratch=allow_restart_from_scratch)
+    with goodput.measure("checkpoint_restore"):
+        restored = _restore(checkpointer, state_target, train_iter, state_shardings,
+                            allow_restart_from_scratch=allow_restart_from_scratch)
     if restored is not None:
         start_step, train_state = restored
         logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
@@ -211,6 +220,7 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
                                         context_parallel=mesh_lib.context_parallel_options(
                                                 config))
 
+    @goodput.measure("eval")
     def evaluate(step: int) -> dict:
         batches = pipeline.make_eval_iterator(config, task, mesh, data_sharding)
         metrics = step_lib.run_eval(eval_step, train_state["model"], batches, task)
@@ -248,13 +258,15 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
     # calls this function keeps its own Ctrl-C. (A signal during compilation or restore still
     # stops the process at once: no step has been taken since the checkpoint it resumed.)
     preemption = ckpt_lib.PreemptionFlag()
+    goodput.start_steps()
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(profile_dir)
                 profiling = True
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = next(train_iter)
+                with goodput.measure("data_wait"):
+                    batch = next(train_iter)
                 train_state, metrics = compiled_step(train_state, batch)
             if profiling and step == profile_steps[1]:
                 jax.block_until_ready(train_state)
@@ -299,6 +311,7 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
                 record = {f"train/{k}": v for k, v in values.items()}
                 record["perf/steps_per_sec"] = 1.0 / seconds_per_step
                 record["perf/examples_per_sec"] = config.batch_size / seconds_per_step
+                record.update(goodput.metrics())  # totals so far; this step's save comes later
                 if config.data.on_bad_example == "skip":  # this process's count, cumulative
                     record["data/bad_examples"] = train_iter.bad_examples
                 if flops_per_device:
@@ -316,7 +329,8 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
             if eval_now:
                 evaluate(step)
             if save_now or preempt_now:
-                checkpointer.save(step, train_state, train_iter)
+                with goodput.measure("checkpoint_save"):
+                    checkpointer.save(step, train_state, train_iter)
             if preempt_now and step < config.total_steps:
                 logging.warning("preemption (%s) at step %d: checkpoint saved, exiting",
                                 preemption.signal_name or "orbax notice", step)
@@ -325,6 +339,7 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
             if interval_steps == 0:
                 # Re-anchor after eval/checkpoint work so that it is not counted as step time.
                 interval_start = time.perf_counter()
+        goodput.stop_steps()
 
         if start_step >= config.total_steps:
             logging.info("already at total_steps=%d; evaluating the final state only",
@@ -334,20 +349,25 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
         if profiling:
             jax.profiler.stop_trace()
         try:
-            checkpointer.close()  # waits for async saves; a diverged run keeps its last good one
+            # Waits for the last async save (counted as save time); a diverged run keeps its
+            # last good checkpoint.
+            with goodput.measure("checkpoint_save"):
+                checkpointer.close()
         finally:
             writer.close()
             train_iter.close()  # stops grain's worker processes (and frees their shared memory)
             preemption.restore()
 
     # ------------------------------------------------------------------------------------------
-    # Summary: compile time, step time, FLOP throughput and MFU.
+    # Summary: compile time, step time, FLOP throughput and MFU; where the wall time went.
     # ------------------------------------------------------------------------------------------
     if step_times and is_lead:
         seconds = sorted(step_times)[len(step_times) // 2]
         print(f"step time {seconds * 1e3:.1f} ms (median over log intervals after the first), "
               f"compile {compile_seconds:.1f} s; "
               + reporting.throughput_line(flops_per_device, seconds, device_kind), flush=True)
+    if is_lead:
+        print(goodput.summary(), flush=True)
     if stopped_early:
         print(f"stopped at step {step} on {preemption.signal_name or 'preemption'}; "
               f"resume with the same command", flush=True)
