@@ -106,9 +106,17 @@ def test_tensorboard_hides_steps_after_the_restored_checkpoint_on_resume(tmp_pat
 
 
 def test_distributed_flags_must_come_together(monkeypatch):
-    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "ZOO_DISTRIBUTED"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match="must be given together"):
         mesh_lib.initialize_distributed(coordinator_address="localhost:1234")
     # Nothing given and no cluster environment: a single-process run, nothing initialised.
     assert mesh_lib.initialize_distributed() is False
+    assert not mesh_lib._cluster_detected()
+    # The TPU-VM recipe's opt-in (the worker list is in VM metadata, not the environment).
+    monkeypatch.setenv("ZOO_DISTRIBUTED", "1")
+    assert mesh_lib._cluster_detected()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b")
+    monkeypatch.setenv("ZOO_DISTRIBUTED", "0")
+    assert mesh_lib._cluster_detected()

@@ -26,6 +26,12 @@ _CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
 def _cluster_detected() -> bool:
+    # An explicit opt-in for environments that JAX recognises but whose size is not in an
+    # environment variable: a Cloud TPU VM pod slice created with gcloud gives its worker list
+    # through the VM metadata, which jax.distributed.initialize() reads itself
+    # (tools/launch/launch.py tpu-vm sets it).
+    if os.environ.get("ZOO_DISTRIBUTED", "") == "1":
+        return True
     for var in _CLUSTER_SIZE_VARS:
         if int(os.environ.get(var, "1") or "1") > 1:
             return True
