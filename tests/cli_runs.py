@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from training_helpers import cli_overrides, tiny_config
+from zoo import storage
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import state as state_lib
 
@@ -67,10 +68,17 @@ def finish(process: subprocess.Popen) -> tuple[int, str, str]:
 
 
 def steps(workdir) -> list[int]:
-    directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
+    """Committed checkpoint steps of a local or bucket (gs://) workdir. Locally orbax writes a
+    temporary folder and renames it; in a bucket the step folder is written in place and
+    committed by its commit_success.txt."""
+    directory = storage.join(str(workdir), "checkpoints")
+    if not storage.isdir(directory):
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    found = sorted(int(name) for name in storage.listdir(directory) if name.isdigit())
+    if storage.is_remote(directory):
+        found = [step for step in found
+                 if storage.exists(storage.join(directory, str(step), "commit_success.txt"))]
+    return found
 
 
 def wait_for_checkpoint(process, workdir, after: int) -> int:
@@ -82,7 +90,7 @@ def wait_for_checkpoint(process, workdir, after: int) -> int:
         if process.poll() is not None:
             raise AssertionError(f"run ended (rc={process.returncode}) before a checkpoint "
                                  f"after step {after}: {process.stderr.read()[-3000:]}")
-        time.sleep(0.02)
+        time.sleep(0.3 if storage.is_remote(str(workdir)) else 0.02)
     raise AssertionError(f"no checkpoint after step {after} within {TIMEOUT}s")
 
 
@@ -94,7 +102,7 @@ def kill_group(process: subprocess.Popen) -> None:
 def metrics(workdir) -> tuple[dict, dict]:
     """(train records, eval records) by step, timing fields dropped."""
     train, evals = {}, {}
-    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    for line in storage.read_text(storage.join(str(workdir), "metrics.jsonl")).splitlines():
         record = json.loads(line)
         step = record.pop("step")
         record = {k: v for k, v in record.items() if not k.startswith("perf/")}
@@ -107,7 +115,8 @@ def final_params(workdir) -> list[np.ndarray]:
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
                           skeleton.abstract_pure())
-    step, model = ckpt_lib.restore_model_only(str(Path(workdir) / "checkpoints"), target)
+    step, model = ckpt_lib.restore_model_only(storage.join(str(workdir), "checkpoints"),
+                                              target)
     assert step == TOTAL_STEPS
     return [np.asarray(x) for x in jax.tree.leaves(model)]
 

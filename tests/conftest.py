@@ -8,6 +8,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs reads this when imported: without it, its first call per bucket waits for a gRPC
+# time-out against the local GCS emulator (tests/gcs_emulator.py).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 # Shared helpers (tests/cli_runs.py, tests/training/training_helpers.py) import by bare name from
 # any test folder.
@@ -68,3 +71,34 @@ def reference_run(shared_dir, run_env):
     outcome = json.loads(record.read_text())
     assert outcome["returncode"] == 0, outcome["stderr"][-5000:]
     return workdir, outcome["stdout"], outcome["stderr"]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """The environment (a dict of variables) that sends gcsfs and tensorstore to this worker's
+    local GCS emulator (tests/gcs_emulator.py), which holds the bucket `zoo-test`."""
+    import gcs_emulator
+
+    server, url = gcs_emulator.start("zoo-test")
+    environment = gcs_emulator.environment(url)
+    environment["_server"] = server
+    yield environment
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, monkeypatch) -> str:
+    """gs://zoo-test, emptied, with this process's gcsfs/tensorstore pointed at the emulator;
+    a subprocess gets the same through `gcs_env(environment)`."""
+    import fsspec
+
+    gcs_emulator["_server"].wipe(keep_buckets=True)
+    for name, value in gcs_env({}, gcs_emulator).items():
+        monkeypatch.setenv(name, value)
+    fsspec.AbstractFileSystem.clear_instance_cache()  # none may point at an older endpoint
+    return "gs://zoo-test"
+
+
+def gcs_env(environment: dict, emulator: dict) -> dict:
+    """`environment` plus the emulator's variables (for a subprocess)."""
+    return {**environment, **{k: v for k, v in emulator.items() if not k.startswith("_")}}

@@ -277,10 +277,11 @@ def load(workdir: str, step: int | None = None, *, ema: bool | None = None) -> L
     from zoo.training import state as state_lib
     from zoo.training.config import model_kwargs
 
-    path = os.path.join(os.fspath(workdir), "config.json")
+    from zoo import storage
+
+    path = storage.join(workdir, "config.json")  # a local folder or a bucket (gs://...)
     try:
-        with open(path) as f:
-            config = ml_collections.ConfigDict(_tuples(json.load(f)))
+        config = ml_collections.ConfigDict(_tuples(json.loads(storage.read_text(path))))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist: {workdir} is not the workdir of a "
                                 f"train.py run") from None
@@ -294,7 +295,7 @@ def load(workdir: str, step: int | None = None, *, ema: bool | None = None) -> L
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           skeleton.abstract_pure())
-    step, state = ckpt_lib.restore_model_only(os.path.join(os.fspath(workdir), "checkpoints"),
+    step, state = ckpt_lib.restore_model_only(storage.join(workdir, "checkpoints"),
                                               target, step, subtree="ema" if use_ema else "model")
     model = skeleton.build(state)
     return LoadedRun(remember(model, config.model.name, model_kwargs(config)), config, step)

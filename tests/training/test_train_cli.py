@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from cli_runs import (RUN_FLAGS, TOTAL_STEPS, metrics, run, start, steps, finish,
+from cli_runs import (REPO, RUN_FLAGS, TOTAL_STEPS, metrics, run, start, steps, finish,
                       train_command)
 from training_helpers import goodput_figures
 
@@ -79,21 +79,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("flags, loss_rtol", [
-        ((), 2e-5),
+@pytest.mark.parametrize("flags, loss_rtol, in_bucket", [
+        # Both processes write one shared workdir in a bucket of the local GCS emulator
+        # (tests/gcs_emulator.py): orbax's multi-host save, process 0's metrics and lock.
+        ((), 2e-5, True),
         # The Pallas kernel (interpreted), shard-mapped over a data x tensor mesh that spans the
         # two processes, against the XLA path of the reference run.
-        (("--config.model.attn_impl=interpret", "--config.mesh_shape=(4,1,2)"), 1e-4),
-], ids=["xla", "kernel_path"])
-def test_two_processes_match_one_process(reference_run, run_env, tmp_path, flags, loss_rtol):
+        (("--config.model.attn_impl=interpret", "--config.mesh_shape=(4,1,2)"), 1e-4, False),
+], ids=["xla_gcs_workdir", "kernel_path"])
+def test_two_processes_match_one_process(reference_run, run_env, tmp_path, request, flags,
+                                         loss_rtol, in_bucket):
     reference = reference_run[0]
-    workdir = tmp_path / "two_processes"
+    env = run_env(devices=4)
+    if in_bucket:
+        from conftest import gcs_env
+        workdir = request.getfixturevalue("gcs_bucket") + "/two_processes"
+        env = gcs_env(env, request.getfixturevalue("gcs_emulator"))
+    else:
+        workdir = tmp_path / "two_processes"
     address = f"localhost:{_free_port()}"
     processes = [
             start(train_command(workdir, f"--coordinator_address={address}",
                                   "--num_processes=2", f"--process_id={i}",
-                                  f"--config.checkpoint_every={TOTAL_STEPS}", *flags),
-                   run_env(devices=4))
+                                  f"--config.checkpoint_every={TOTAL_STEPS}", *flags), env)
             for i in range(2)]
     results = [finish(p) for p in processes]
     for rc, _, err in results:
@@ -105,6 +113,9 @@ def test_two_processes_match_one_process(reference_run, run_env, tmp_path, flags
         assert math.isclose(train[step]["train/loss"], ref_train[step]["train/loss"],
                             rel_tol=loss_rtol), step
     assert evals[TOTAL_STEPS]["eval/top1"] == ref_eval[TOTAL_STEPS]["eval/top1"]
+    if in_bucket:  # nothing went to a local folder named after the URL (gs:/zoo-test/...)
+        assert not (REPO / "gs:").exists()
+        assert steps(workdir) == [TOTAL_STEPS]
 
 
 @pytest.mark.parametrize("flags, message", [

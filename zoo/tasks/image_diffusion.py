@@ -15,7 +15,6 @@ high-noise halves.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from zoo import diffusion
+from zoo import diffusion, storage
 from zoo.training import image_ops
 from zoo.training.classification import ImageData
 from zoo.training.errors import ConfigError
@@ -100,7 +99,7 @@ class ImageDiffusionTask(ImageData, Task):
                                   sampler=sampler, cond=cond)
         pixels = image_ops.signed_to_uint8(images)
         per_row = 4
-        path = os.path.join(workdir, f"samples_{step}.png")
+        path = storage.join(workdir, f"samples_{step}.png")
         image_ops.save_png(image_ops.image_grid(
                 [list(pixels[i:i + per_row]) for i in range(0, len(pixels), per_row)]), path)
         return {"step": step, "path": path}

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import shutil
 import signal
 import threading
 from typing import Any
@@ -26,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from zoo import storage
 from zoo.training.errors import CheckpointError
 
 STATE, DATA_ITER = "state", "data_iter"
@@ -66,8 +65,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int, async_save: bool,
                  quarantine_dir: str | None = None):
-        self.directory = os.path.abspath(directory)
-        self.quarantine_dir = quarantine_dir or os.path.join(os.path.dirname(self.directory),
+        self.directory = storage.abspath(directory)  # orbax writes buckets itself
+        self.quarantine_dir = quarantine_dir or storage.join(storage.dirname(self.directory),
                                                              "corrupt_checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
@@ -175,12 +174,14 @@ class Checkpointer:
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
-            os.makedirs(self.quarantine_dir, exist_ok=True)
-            source = os.path.join(self.directory, str(step))
-            destination = os.path.join(self.quarantine_dir, str(step))
-            if os.path.exists(destination):
-                shutil.rmtree(destination)
-            shutil.move(source, destination)
+            storage.makedirs(self.quarantine_dir)
+            source = storage.join(self.directory, str(step))
+            destination = storage.join(self.quarantine_dir, str(step))
+            if storage.exists(destination):
+                storage.rmtree(destination)
+            # in a bucket a copy and a delete: a step half moved is still never loaded (its
+            # commit marker goes with the copy; the rest of the source is unreadable)
+            storage.move(source, destination)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
@@ -220,7 +221,7 @@ def restore_model_only(directory: str, model_target, step: int | None = None, *,
     checkpoint `step` (default: newest) onto `model_target`'s shardings: no optimizer state is
     read, and any mesh can load it."""
     reader = ocp.CheckpointManager(
-            os.path.abspath(directory), item_names=(STATE,),
+            storage.abspath(directory), item_names=(STATE,),
             item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(read_only=True))
     try:

@@ -34,6 +34,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from zoo import storage
 from zoo.training import evaluate, reporting, tasks
 
 USAGE_EXIT = 2
@@ -172,11 +173,28 @@ def define_run_flags(*, lock_config: bool, step: bool) -> RunFlags:
 flags.DEFINE_bool("verbose", False, "Show tracebacks with the one-line errors.")
 
 
+def _check_remote_workdir(workdir: str, *, create: bool) -> None:
+    """A bucket workdir (gs://...) must be reachable; one to read must hold a run. Writes are
+    checked when the run writes config.json, before any compilation."""
+    try:
+        found = storage.isdir(workdir)
+        has_run = found and storage.exists(storage.join(workdir, "config.json"))
+    except ImportError as error:
+        fail(f"--workdir={workdir}: {error}", error)
+    except Exception as error:  # noqa: BLE001 - any client error: name the workdir and cause
+        fail(f"--workdir={workdir} cannot be reached: {type(error).__name__}: "
+             f"{' '.join(str(error).split())[:300]}; allowed: a bucket path these credentials "
+             f"can read and write", error)
+    if not create and not has_run:
+        fail(f"--workdir={workdir} holds no config.json; allowed: the workdir of a train.py run")
+
+
 def _check_workdir(workdir: str, *, create: bool) -> None:
     """A local --workdir must be a directory this process can create files in (`create`: it may
     be missing, train.py makes it; otherwise it must exist: a run to read)."""
-    if "://" in workdir:
-        return  # a bucket: checked by the filesystem layer when first written
+    if storage.is_remote(workdir):
+        _check_remote_workdir(workdir, create=create)
+        return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         fail(f"--workdir={workdir} is an existing file; allowed: a directory (created if "
              f"missing)")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 import ml_collections
 from absl import logging
 from jax.sharding import SingleDeviceSharding
 
+from zoo import storage
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import config as config_lib
 from zoo.training import ema as ema_lib
@@ -69,16 +69,16 @@ def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
     evaluate = _EvalPass(config, mesh)
     # --- model variables only, restored onto this mesh -------------------------------------
     target = evaluate.target()
-    step, model_state = ckpt_lib.restore_model_only(os.path.join(workdir, "checkpoints"),
+    step, model_state = ckpt_lib.restore_model_only(storage.join(workdir, "checkpoints"),
                                                     target, step)
     logging.info("restored the model of step %d onto %s", step, dict(mesh.shape))
     result = {"step": int(step), **evaluate(model_state)}
     if ema_lib.enabled(config):  # the run kept an average of the weights: evaluate it too
-        _, ema_state = ckpt_lib.restore_model_only(os.path.join(workdir, "checkpoints"),
+        _, ema_state = ckpt_lib.restore_model_only(storage.join(workdir, "checkpoints"),
                                                    target, step, subtree="ema")
         result["ema"] = evaluate(ema_state)
-    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
-        json.dump(result, f)
+    if jax.process_index() == 0:
+        storage.write_text(storage.join(workdir, f"eval_{step}.json"), json.dumps(result))
     return result
 
 
@@ -98,6 +98,6 @@ def load_model(config, workdir: str, step: int | None):
     device = SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           skeleton.abstract_pure())
-    step, model_state = ckpt_lib.restore_model_only(os.path.join(workdir, "checkpoints"),
+    step, model_state = ckpt_lib.restore_model_only(storage.join(workdir, "checkpoints"),
                                                     target, step)
     return step, skeleton.build(model_state)

@@ -127,5 +127,9 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], gutter: int = 2) -> np.ndar
 def save_png(grid: np.ndarray, path: str, scale: int = 4) -> None:
     """Writes `grid` upscaled `scale` times (nearest neighbour: pixels stay visible)."""
     from PIL import Image
+
+    from zoo import storage
+    encoded = io.BytesIO()
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                 Image.NEAREST).save(path)
+                                 Image.NEAREST).save(encoded, format="PNG")
+    storage.write_bytes(path, encoded.getvalue())  # a local file or a bucket object

@@ -5,6 +5,12 @@ Only process 0 writes. metrics.jsonl holds one JSON object per log step and per 
 on resume, entries after the restored step are dropped so that the file reads as one
 uninterrupted run.
 
+In a bucket (`gs://...` workdir, zoo/storage.py) objects cannot be appended to: metrics.jsonl is
+kept in memory and the object rewritten at every write (it holds one line per log step, small
+next to a checkpoint), and TensorBoard's event files are written by `_BucketEventFile`, which
+rewrites its object at every flush and continues in a new part file (".0001", ...; TensorBoard
+reads every events file of the directory, in name order) past PART_BYTES.
+
 FLOPs come from the compiled step's own cost analysis (XLA counts the partitioned program, i.e.
 FLOPs per device), and MFU is reported against a small table of peak dense bf16 FLOP/s, printed
 with its denominator so nobody has to guess which peak was used.
@@ -14,12 +20,13 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import math
-import os
 from typing import Any, Mapping
 
 import jax
 from absl import logging
 from flax import nnx
+
+from zoo import storage
 
 # Peak dense bf16 FLOP/s per device (vendor data sheets). Matched as substrings of the
 # lower-cased `device_kind`, first match wins, so more specific names come first.
@@ -132,26 +139,72 @@ def _scalar(value: Any) -> Any:
         return value
 
 
+PART_BYTES = 8 << 20
+
+
+class _BucketEventFile:
+    """A TensorBoard event file in a bucket: what tensorboardX writes is kept, and each flush
+    rewrites the object (buckets cannot append); past PART_BYTES it goes on in a new part."""
+
+    def __init__(self, path: str):
+        self.path, self._part, self._buffer = path, 0, bytearray()
+
+    def _object(self) -> str:
+        return self.path if self._part == 0 else f"{self.path}.{self._part:04d}"
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+
+    def flush(self) -> None:
+        if self._buffer:
+            storage.write_bytes(self._object(), bytes(self._buffer))
+        if len(self._buffer) > PART_BYTES:
+            self._part, self._buffer = self._part + 1, bytearray()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _BucketEventFiles:
+    """tensorboardX writer factory for URLs (its own GCS writer needs google-cloud-storage
+    credentials and fails half-built without them)."""
+
+    def open(self, path: str) -> _BucketEventFile:
+        return _BucketEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        storage.makedirs(path)
+
+
+def _tensorboard_writer(logdir: str, **kwargs):
+    from tensorboardX import SummaryWriter
+    if storage.is_remote(logdir):
+        from tensorboardX import record_writer
+        record_writer.register_writer_factory(logdir.split("://")[0], _BucketEventFiles())
+    return SummaryWriter(logdir, **kwargs)
+
+
 class MetricWriter:
     """metrics.jsonl + optional TensorBoard + optional tqdm bar, on process 0 only."""
 
     def __init__(self, workdir: str, *, tensorboard: bool, progress_bar: bool,
                  total_steps: int, initial_step: int):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(workdir, "metrics.jsonl")
+        # A bucket's metrics.jsonl is rewritten whole from these lines (module docstring).
+        self._lines: list[str] | None = [] if storage.is_remote(workdir) else None
         self._tb = None
         self._bar = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         self._truncate_after(initial_step)
         if tensorboard:
-            from tensorboardX import SummaryWriter
             # On resume, TensorBoard hides the events a crashed run wrote after the restored
             # checkpoint (a START session log with purge_step), just as metrics.jsonl drops them:
             # otherwise the redone steps would draw a second, overlapping curve.
             purge = {"purge_step": initial_step + 1} if initial_step > 0 else {}
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), **purge)
+            self._tb = _tensorboard_writer(storage.join(workdir, "tensorboard"), **purge)
         if progress_bar:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
@@ -159,24 +212,27 @@ class MetricWriter:
 
     def _truncate_after(self, step: int) -> None:
         """Drops entries newer than `step` (written before a crash, redone after resume)."""
-        if not os.path.exists(self.path):
+        if not storage.exists(self.path):
             return
-        with open(self.path) as f:
-            lines = [line for line in f if line.strip()]
+        lines = [line + "\n" for line in storage.read_text(self.path).splitlines()
+                 if line.strip()]
         kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if self._lines is not None:
+            self._lines = kept
         if len(kept) != len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+            storage.write_text(self.path, "".join(kept))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Logs scalars under their names (e.g. "train/loss", "eval/top1") for `step`."""
         record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
         if not self.enabled:
             return record
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._lines is None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            self._lines.append(json.dumps(record) + "\n")
+            storage.write_text(self.path, "".join(self._lines))
         if self._tb is not None:
             for name, value in record.items():
                 if name != "step" and isinstance(value, float):

@@ -6,7 +6,8 @@ time, data and restore-or-init (the checkpoint also holds the iterator's positio
 loop with logging, evaluation, checkpoints and preemption. `train.py` is its command line; tests
 and notebooks call it directly.
 
-Run directory: checkpoints/ (orbax), metrics.jsonl, tensorboard/, config.json, profile/.
+Run directory: checkpoints/ (orbax), metrics.jsonl, tensorboard/, config.json, profile/; a
+local path or a bucket (`gs://...`, through zoo/storage.py; orbax writes there directly).
 Where the wall time went (compile, data waits, checkpoint saves and restores, eval, and the
 goodput: the fraction spent in train steps) is logged as `perf/goodput/...` on every train log
 record and summarised at the end; zoo/training/goodput.py defines each figure.
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -25,6 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from kernels_pallas.sharding import ShardingError
+from zoo import storage
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import config as config_lib
 from zoo.training import ema as ema_lib
@@ -121,14 +124,37 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
                             goodput=goodput)
 
 
+class _Profile:
+    """jax.profiler traces into `directory`. The profiler writes files itself, to local paths
+    only: for a bucket the trace goes to a temporary local folder, copied up and deleted when
+    the trace stops (the one local write of a run with a bucket workdir, and only on request)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._local: str | None = None
+
+    def start(self) -> None:
+        if storage.is_remote(self.directory):
+            self._local = tempfile.mkdtemp(prefix="zoo-profile-")
+        jax.profiler.start_trace(self._local or self.directory)
+
+    def stop(self) -> None:
+        jax.profiler.stop_trace()
+        if self._local is not None:
+            try:
+                storage.upload_tree(self._local, self.directory)
+            finally:
+                shutil.rmtree(self._local, ignore_errors=True)
+                self._local = None
+
+
 def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] | None,
                         allow_restart_from_scratch: bool,
                         goodput: goodput_lib.GoodputRecorder) -> None:
     is_lead = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
     if is_lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+        storage.makedirs(workdir)
+        storage.write_text(storage.join(workdir, "config.json"), config.to_json(indent=2))
 
     # ------------------------------------------------------------------------------------------
     # Mesh and shardings of the batch.
@@ -189,7 +215,7 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
     # Data, then restore-or-init (the checkpoint also holds the iterator's position).
     # ------------------------------------------------------------------------------------------
     train_iter = pipeline.make_train_iterator(config, task, mesh, data_sharding)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+    checkpointer = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"),
                                          keep=config.keep_checkpoints,
                                          async_save=config.async_checkpointing)
     with goodput.measure("checkpoint_restore"):
@@ -242,7 +268,7 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
                                     progress_bar=config.logging.progress_bar,
                                     total_steps=config.total_steps, initial_step=start_step)
     multi_process = jax.process_count() > 1
-    profile_dir = os.path.join(workdir, "profile")
+    profile = _Profile(storage.join(workdir, "profile"))
     profiling = False
 
     # ------------------------------------------------------------------------------------------
@@ -262,7 +288,7 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             if profile_steps and step == profile_steps[0]:
-                jax.profiler.start_trace(profile_dir)
+                profile.start()
                 profiling = True
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 with goodput.measure("data_wait"):
@@ -270,9 +296,10 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
                 train_state, metrics = compiled_step(train_state, batch)
             if profiling and step == profile_steps[1]:
                 jax.block_until_ready(train_state)
-                jax.profiler.stop_trace()
+                profile.stop()
                 profiling = False
-                logging.info("profile of steps %s written to %s", profile_steps, profile_dir)
+                logging.info("profile of steps %s written to %s", profile_steps,
+                             profile.directory)
             interval_steps += 1
 
             log_now = step % config.log_every == 0 or step == config.total_steps
@@ -347,7 +374,7 @@ def _train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] 
             evaluate(start_step)
     finally:
         if profiling:
-            jax.profiler.stop_trace()
+            profile.stop()
         try:
             # Waits for the last async save (counted as save time); a diverged run keeps its
             # last good checkpoint.

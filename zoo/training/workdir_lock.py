@@ -9,6 +9,11 @@ such a lock is stale, and taken over with a warning, when
   * it has not been refreshed for STALE_SECONDS (the owner on another host is gone: the usual
     case on a preemptible pod, where the restarted job may land on other machines).
 Otherwise the second run stops with a one-line ConfigError naming the owner.
+
+In a bucket (a `gs://...` workdir) there is no exclusive create through the filesystem layer,
+so the lock is taken by writing it and reading it back a moment later: of two runs starting
+within that moment the later writer keeps it and the other stops. The heartbeat rewrites the
+object (a bucket has no utime); staleness is judged by the object's update time as above.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from zoo import storage
 from zoo.training.errors import ConfigError
 
 LOCK_NAME = ".train.lock"
@@ -41,10 +47,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# How long a run waits before reading back the lock it wrote to a bucket: a second starter
+# that wrote in between has then overwritten it.
+BUCKET_SETTLE_SECONDS = 1.0
+
+
 def _read(path: str) -> dict:
     try:
-        with open(path) as f:
-            owner = json.load(f)
+        owner = json.loads(storage.read_text(path))
         return owner if isinstance(owner, dict) else {}
     except (OSError, ValueError):
         return {}  # half-written or unreadable: judged by its age alone
@@ -53,7 +63,7 @@ def _read(path: str) -> dict:
 def _stale_reason(path: str, owner: dict) -> str | None:
     """Why the lock at `path` may be taken over, or None while its owner may be running."""
     try:
-        age = time.time() - os.path.getmtime(path)
+        age = time.time() - storage.modified_time(path)
     except FileNotFoundError:
         return "it disappeared"
     host, pid = owner.get("host"), owner.get("pid")
@@ -64,28 +74,41 @@ def _stale_reason(path: str, owner: dict) -> str | None:
     return None
 
 
+def _create_exclusively(path: str, record: str) -> None:
+    """Writes the lock, or raises FileExistsError when another run holds it."""
+    if not storage.is_remote(path):
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(record)
+        return
+    if storage.exists(path):
+        raise FileExistsError(path)
+    storage.write_text(path, record)
+    time.sleep(BUCKET_SETTLE_SECONDS)
+    if storage.read_text(path) != record:  # a run that started at the same time wrote after us
+        raise FileExistsError(path)
+
+
 def _acquire(path: str) -> None:
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+                         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                         "token": os.urandom(8).hex()})
     for _ in range(3):  # a takeover races at most a few other starters
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            _create_exclusively(path, record)
         except FileExistsError:
             owner = _read(path)
             reason = _stale_reason(path, owner)
             if reason is None:
                 raise ConfigError(
-                        f"workdir {os.path.dirname(path)} is in use by another train.py "
+                        f"workdir {storage.dirname(path)} is in use by another train.py "
                         f"(pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, started "
                         f"{owner.get('started', '?')}); wait for it to finish, or if it is gone, "
                         f"delete {path}") from None
             logging.warning("taking over the stale lock %s of pid %s on %s: %s", path,
                             owner.get("pid"), owner.get("host"), reason)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+            storage.remove(path)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(record)
         return
     raise ConfigError(f"could not take the lock {path}: other runs keep starting on this "
                       f"workdir")
@@ -112,20 +135,24 @@ def hold(workdir: str) -> Iterator[None]:
         _agree(None, workdir)
         yield
         return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, LOCK_NAME)
+    storage.makedirs(workdir)
+    path = storage.join(workdir, LOCK_NAME)
     error = None
     try:
         _acquire(path)
     except ConfigError as refused:
         error = refused
     _agree(error, workdir)
+    record = storage.read_text(path)  # ours; released at the end only if still ours
     stop = threading.Event()
 
     def heartbeat():
         while not stop.wait(HEARTBEAT_SECONDS):
             with contextlib.suppress(OSError):
-                os.utime(path)
+                if storage.is_remote(path):
+                    storage.write_text(path, record)  # a new update time
+                else:
+                    os.utime(path)
 
     thread = threading.Thread(target=heartbeat, name="workdir-lock-heartbeat", daemon=True)
     thread.start()
@@ -134,6 +161,5 @@ def hold(workdir: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-        if _read(path).get("pid") == os.getpid():
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+        if storage.exists(path) and storage.read_text(path) == record:
+            storage.remove(path)
