@@ -71,3 +71,25 @@ def test_train_refuses_a_workdir_in_use(tmp_path):
     with pytest.raises(ConfigError, match="is in use by another train.py"):
         trainer.train_and_evaluate(config, str(tmp_path), profile_steps=None)
     assert sorted(os.listdir(tmp_path)) == [workdir_lock.LOCK_NAME]  # nothing written
+
+
+def test_the_lock_in_a_bucket(gcs_bucket, monkeypatch, caplog):
+    """A gs:// workdir (local GCS emulator): the same refusal and release; a lock object a dead
+    run left behind is taken over by its update time (a bucket has no utime)."""
+    from zoo import storage
+    monkeypatch.setattr(workdir_lock, "BUCKET_SETTLE_SECONDS", 0.05)
+    workdir = f"{gcs_bucket}/run"
+    lock = f"{workdir}/{workdir_lock.LOCK_NAME}"
+    with workdir_lock.hold(workdir):
+        assert json.loads(storage.read_text(lock))["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match=rf"workdir {workdir} is in use by another "):
+            with workdir_lock.hold(workdir):
+                pass
+        assert storage.exists(lock)
+    assert not storage.exists(lock)
+
+    storage.write_text(lock, json.dumps({"pid": 1, "host": "another-host"}))
+    monkeypatch.setattr(workdir_lock, "STALE_SECONDS", -1.0)  # every lock is old enough
+    with workdir_lock.hold(workdir):
+        assert json.loads(storage.read_text(lock))["pid"] == os.getpid()
+    assert "last refreshed" in caplog.text
