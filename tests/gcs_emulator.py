@@ -20,6 +20,7 @@ relies on them (compare-and-swap between concurrent writers) can be tested again
 from __future__ import annotations
 
 import socket
+import time
 from http import HTTPStatus
 
 from gcp_storage_emulator import server as emulator_server
@@ -77,8 +78,20 @@ def _download_with_generation(request, response, storage, *args, **kwargs):
     return _plain_download(request, response, storage, *args, **kwargs)
 
 
+# Seconds every request waits before it is served (bench/bucket_goodput.py: a slow bucket).
+_latency = {"seconds": 0.0}
+_plain_route = emulator_server.Router.handle
+
+
+def _route_after_latency(router, method):
+    if _latency["seconds"]:
+        time.sleep(_latency["seconds"])
+    return _plain_route(router, method)
+
+
 def _patch_handlers() -> None:
     object_handlers.download = _download_with_generation  # `get` calls it for alt=media
+    emulator_server.Router.handle = _route_after_latency
     handlers = emulator_server.HANDLERS
     if any(table.get("POST") is _move_to for _, table in handlers):
         return
@@ -96,9 +109,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(bucket: str):
-    """(server, url): an in-memory emulator holding `bucket`, serving from a thread."""
+def start(bucket: str, *, latency: float = 0.0):
+    """(server, url): an in-memory emulator holding `bucket`, serving from a thread;
+    `latency` seconds are added to every request (requests are served one at a time)."""
     _patch_handlers()
+    _latency["seconds"] = float(latency)
     port = _free_port()
     server = emulator_server.create_server("127.0.0.1", port, in_memory=True,
                                            default_bucket=bucket)
