@@ -132,4 +132,6 @@ def environment(url: str) -> dict[str, str]:
             # the emulator); it reads this when imported.
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
             "FSSPEC_GCS_USE_LISTINGS_CACHE": "false",
+            # array_record reads ArrayRecord shards in a bucket with its own C++ GCS client
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
     }

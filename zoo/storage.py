@@ -118,6 +118,16 @@ def listdir(path) -> list[str]:
     return os.listdir(path)
 
 
+def walk(top) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk, top-down, for local folders and bucket folders (one listing call per folder
+    in a bucket); sorting the folder list in place orders the descent."""
+    if not is_remote(top):
+        yield from os.walk(top)
+        return
+    for root, folders, names in _epath(top).walk():
+        yield str(root), folders, names
+
+
 def glob(pattern: str) -> list[str]:
     """Paths matching `pattern` ('*', '?' and '[]' in the last components; no '**' in
     buckets), sorted."""

@@ -12,7 +12,8 @@ Sources (config.data.source):
     from `corpus_summary`; compare runs on one Python version. Every 20th file (sorted order)
     is the eval split, so train and eval never share a file.
   * "token_files": nanoGPT-style `{data.path}/{split}.bin`, a flat array of token ids
-    (lm.token_dtype uint16 or uint32, native little-endian), memory-mapped.
+    (lm.token_dtype uint16 or uint32, native little-endian), memory-mapped; in a bucket
+    (`gs://...`) each window is one ranged read (`BucketTokens`).
 The task's own fields (context length, vocabulary, token format) are the config subtree
 `config.lm` (`LanguageModelingTask.default_config`).
 An example is a window of seq_len + 1 consecutive tokens; window i starts at i * seq_len, so
@@ -30,6 +31,7 @@ import hashlib
 import math
 import os
 import sysconfig
+import threading
 from typing import Any, Mapping
 
 import jax
@@ -39,6 +41,7 @@ import numpy as np
 from absl import logging
 
 from zoo import generate as generate_lib
+from zoo import storage
 from zoo.training import mesh as mesh_lib
 from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
@@ -92,7 +95,7 @@ def corpus_summary() -> dict[str, Any]:
 
 
 def token_file(config, split: str) -> str:
-    return os.path.join(config.data.path, f"{split}.bin")
+    return storage.join(config.data.path, f"{split}.bin")
 
 
 def write_token_file(path: str, tokens, dtype: str = "uint16") -> None:
@@ -102,29 +105,75 @@ def write_token_file(path: str, tokens, dtype: str = "uint16") -> None:
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
         raise ValueError(f"token ids must be in [0, {np.iinfo(dtype).max}] for {dtype}")
-    tokens.astype(dtype).tofile(path)
+    if storage.is_remote(path):
+        storage.write_bytes(path, tokens.astype(dtype).tobytes())
+    else:
+        tokens.astype(dtype).tofile(path)
 
 
-def _open_token_file(config, split: str) -> np.ndarray:
+class BucketTokens:
+    """A token file in a bucket, read like the np.memmap of a local one: `size`, and slices
+    [start:stop] as read-only arrays, each one ranged read (gcsfs reads exactly the range for
+    random access). Every thread keeps its own open file object (grain reads from several);
+    pickling (to grain worker processes) keeps only the path."""
+
+    def __init__(self, path: str, dtype, num_bytes: int):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.size = num_bytes // self.dtype.itemsize
+        self._files = threading.local()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_files"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._files = threading.local()
+
+    def _file(self):
+        file = getattr(self._files, "file", None)
+        if file is None:
+            opened = storage.open(self.path, "rb")
+            file = opened.__enter__()  # closed when the thread's reference goes away
+            self._files.opened, self._files.file = opened, file
+        return file
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"{self.path}: only contiguous slices are read, got {key!r}")
+        start, stop, _ = key.indices(self.size)
+        count = max(0, stop - start)
+        file = self._file()
+        file.seek(start * self.dtype.itemsize)
+        data = file.read(count * self.dtype.itemsize)
+        if len(data) != count * self.dtype.itemsize:
+            raise OSError(f"{self.path}: read {len(data)} bytes at token {start}, expected "
+                          f"{count * self.dtype.itemsize} (did the file change during the run?)")
+        return np.frombuffer(data, self.dtype)
+
+
+def _open_token_file(config, split: str) -> np.ndarray | BucketTokens:
     path = token_file(config, split)
     dtype = np.dtype(config.lm.token_dtype)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise ValueError(f"config.data.path={config.data.path!r}: token file {path} for split "
                          f"{split!r} does not exist (expected <path>/<split>.bin)")
-    size = os.path.getsize(path)
+    size = storage.getsize(path)
     if size % dtype.itemsize:
         raise ValueError(f"token file {path} has {size} bytes, not a multiple of "
                          f"config.lm.token_dtype={config.lm.token_dtype!r} "
                          f"({dtype.itemsize} bytes)")
     if size == 0:
         raise ValueError(f"token file {path} is empty")
+    if storage.is_remote(path):
+        return BucketTokens(path, dtype, size)
     return np.memmap(path, dtype=dtype, mode="r")
 
 
 class TokenWindows:
     """Random-access windows of seq_len + 1 tokens over a stream (grain source)."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int, vocab_size: int, origin: str):
+    def __init__(self, stream: np.ndarray | BucketTokens, seq_len: int, vocab_size: int,
+                 origin: str):
         self.stream, self.seq_len = stream, int(seq_len)
         self.vocab_size, self.origin = int(vocab_size), origin
         self.count = max(0, (stream.size - 1) // self.seq_len)
@@ -309,9 +358,8 @@ class LanguageModelingTask(Task):
                                     temperature=temperature, top_k=top_k or None,
                                     greedy=greedy, rng=jax.random.key(seed))
         texts = [self.decode(row) for row in np.asarray(out)]
-        path = os.path.join(workdir, f"samples_{step}.txt")
-        with open(path, "w") as f:
-            f.write("\n\n=====\n\n".join(texts) + "\n")
+        path = storage.join(workdir, f"samples_{step}.txt")
+        storage.write_text(path, "\n\n=====\n\n".join(texts) + "\n")
         return {"step": step, "path": path, "texts": texts}
 
     def _logits(self, model, tokens, train, rngs):

@@ -11,7 +11,10 @@ Dataset format on disk (`data.source = "multiview_folder"`): one folder per scen
 c2w is camera-to-world in the OpenCV convention (x right, y down, z forward), as NViST's
 MVImgNet/COLMAP loaders produce; all views of a scene share the intrinsics. Images are resized
 to (data.image_size, data.image_width) (H x W; the intrinsics scale with them).
-`write_multiview_dataset` writes this format (the tests use it on generated scenes).
+`write_multiview_dataset` writes this format (the tests use it on generated scenes). The folder
+may be in a bucket (`gs://...`, through zoo.storage); its scene folders are then listed once per
+run (zoo/training/sources.py `cached_listing`: fingerprint the scene folder names, cache in
+<workdir>/data_listing/).
 
 The embedded default (`data.source = "generated_multiview"`): `views.num_scenes` scenes (and an
 eighth as many for eval) of one or two Lambert-shaded, striped spheres inside [-0.6, 0.6]^3 on
@@ -36,6 +39,7 @@ window 11, sigma 1.5, on [0, 1] colours, averaged over channels and images).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -46,7 +50,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from zoo import storage
 from zoo.training import image_ops
+from zoo.training import sources as data_sources
 from zoo.training.errors import ConfigError
 from zoo.training.tasks import Task, register_task
 
@@ -136,27 +142,35 @@ def write_multiview_dataset(path: str, split: str, scenes) -> None:
     """Writes scenes in the on-disk format of the module docstring."""
     from PIL import Image
 
+    remote = storage.is_remote(path)
     for i, scene in enumerate(scenes):
-        folder = os.path.join(path, split, f"scene_{i:04d}")
-        os.makedirs(folder, exist_ok=True)
+        folder = storage.join(path, split, f"scene_{i:04d}")
+        storage.makedirs(folder)
         frames = []
         for v, (image, c2w) in enumerate(zip(scene["images"], scene["c2w"])):
             name = f"{v:03d}.png"
-            Image.fromarray(image).save(os.path.join(folder, name))
+            if remote:
+                encoded = io.BytesIO()
+                Image.fromarray(image).save(encoded, format="PNG")
+                storage.write_bytes(storage.join(folder, name), encoded.getvalue())
+            else:
+                Image.fromarray(image).save(os.path.join(folder, name))
             frames.append({"file": name, "c2w": np.asarray(c2w).tolist()})
         meta = {k: float(scene[k]) for k in ("fx", "fy", "cx", "cy")}
         meta.update(near=NEAR_FAR[0], far=NEAR_FAR[1], frames=frames)
-        with open(os.path.join(folder, "transforms.json"), "w") as f:
-            json.dump(meta, f)
+        if remote:
+            storage.write_text(storage.join(folder, "transforms.json"), json.dumps(meta))
+        else:
+            with open(os.path.join(folder, "transforms.json"), "w") as f:
+                json.dump(meta, f)
 
 
 def read_scene(folder: str, height: int, width: int) -> dict[str, Any]:
     from PIL import Image
 
-    path = os.path.join(folder, "transforms.json")
+    path = storage.join(folder, "transforms.json")
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read_text(path))
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read the scene description ({error})") from None
     missing = [k for k in ("fx", "fy", "cx", "cy", "frames") if k not in meta]
@@ -165,7 +179,11 @@ def read_scene(folder: str, height: int, width: int) -> dict[str, Any]:
     images, c2ws = [], []
     scale = None
     for frame in meta["frames"]:
-        image = Image.open(os.path.join(folder, frame["file"])).convert("RGB")
+        image_path = storage.join(folder, frame["file"])
+        if storage.is_remote(image_path):
+            image = Image.open(io.BytesIO(storage.read_bytes(image_path))).convert("RGB")
+        else:
+            image = Image.open(image_path).convert("RGB")
         scale = (height / image.size[1], width / image.size[0])
         images.append(np.asarray(image.resize((width, height), Image.BILINEAR)))
         c2w = np.asarray(frame["c2w"], np.float32)
@@ -208,14 +226,31 @@ def open_split(config, split: str) -> SceneSource:
         count = max(v.num_scenes // 8, 1) if is_eval else v.num_scenes
         return SceneSource(scenes=generate_scenes(count, v.views_per_scene, height, width,
                                                   seed=1 + int(is_eval)))
-    root = os.path.join(os.path.expanduser(d.path), split)
-    if not os.path.isdir(root):
+    root = storage.join(os.path.expanduser(d.path), split)
+    if not storage.isdir(root):
         raise ValueError(f"config.data.path={d.path!r}: no split folder {root}")
-    folders = sorted(os.path.join(root, name) for name in os.listdir(root)
-                     if os.path.isfile(os.path.join(root, name, "transforms.json")))
+    if storage.is_remote(root):
+        folders = _bucket_scene_folders(root)
+    else:
+        folders = sorted(os.path.join(root, name) for name in os.listdir(root)
+                         if os.path.isfile(os.path.join(root, name, "transforms.json")))
     if not folders:
         raise ValueError(f"{root} has no scene folders with a transforms.json")
     return SceneSource(folders=folders, height=height, width=width)
+
+
+def _bucket_scene_folders(root: str) -> list[str]:
+    """The scene folders (with a transforms.json) of a split folder in a bucket, sorted: checked
+    in parallel once per run (fingerprint: the folder names)."""
+    names = data_sources.bucket_subfolders(root)
+
+    def make():
+        has_scene = data_sources.parallel_map(
+                lambda name: storage.isfile(storage.join(root, name, "transforms.json")), names)
+        return [name for name, found in zip(names, has_scene) if found]
+
+    return data_sources.cached_listing("multiview_folder", root, names, make,
+                                       lambda listing: [storage.join(root, n) for n in listing])
 
 
 def _check_data(config) -> None:
@@ -429,7 +464,7 @@ class NovelViewSynthesisTask(Task):
         rows = [[to_uint8(image_ops.unnormalise(batch["image"][i])),
                  to_uint8(batch["view_rgb"][i]), to_uint8(rendered[i])]
                 for i in range(len(examples))]
-        views_path = os.path.join(workdir, f"views_{step}.png")
+        views_path = storage.join(workdir, f"views_{step}.png")
         image_ops.save_png(image_ops.image_grid(rows), views_path)
         result = {"step": step, "views": views_path, **scores}
         if orbit == 0:
@@ -455,7 +490,7 @@ class NovelViewSynthesisTask(Task):
                            jnp.asarray(origins, jnp.float32)[None],
                            jnp.asarray(dirs, jnp.float32)[None])
             frames.append(to_uint8(frame.reshape(h, w, 3)))
-        orbit_path = os.path.join(workdir, f"orbit_{step}.png")
+        orbit_path = storage.join(workdir, f"orbit_{step}.png")
         image_ops.save_png(image_ops.image_grid([[input_view] + frames]), orbit_path)
         result["orbit"] = orbit_path
         return result

@@ -21,7 +21,7 @@ from zoo.training import checkpoint as ckpt_lib
 from zoo.training import config as config_lib
 from zoo.training import ema as ema_lib
 from zoo.training import mesh as mesh_lib
-from zoo.training import pipeline
+from zoo.training import pipeline, sources
 from zoo.training import state as state_lib
 from zoo.training import step as step_lib
 from zoo.training import tasks
@@ -65,6 +65,7 @@ class _EvalPass:
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None) -> dict:
+    sources.set_listing_cache(workdir)  # the run's listings of bucket data folders
     config, mesh = _eval_mesh(config)
     evaluate = _EvalPass(config, mesh)
     # --- model variables only, restored onto this mesh -------------------------------------

@@ -10,19 +10,35 @@ config.data.source selects one:
     (<path>/<name>[/<config>]/<version>/<name>-<split>.array_record-*).
 Decoding and augmentation happen later, in the task's example preparation (grain's map step,
 possibly in worker processes).
+
+Every path may be local or in a bucket (`gs://...`): listings and reads go through zoo.storage,
+and ArrayRecord shards in a bucket are read by array_record's own GCS client (credentials from
+the environment, as gcloud's application-default ones). Local folders are listed as before (in
+memory, keyed by the folders' modification times). A bucket folder is listed once per run
+(one listing call per directory, 16 at a time): `cached_listing` keeps the listing in memory and,
+once `set_listing_cache(workdir)` was called, in <workdir>/data_listing/<kind>-<hash>.json, so
+a restarted run does not list again. The cache is reused while a cheap fingerprint (the names of
+the subfolders: classes, scenes) is unchanged; files added to or removed from an existing
+subfolder are not seen: delete <workdir>/data_listing/ to list again.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
-import glob
+import hashlib
+import json
 import os
+import posixpath
 import re
+import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import numpy as np
+from absl import logging
 
+from zoo import storage
 from zoo.training import records
 
 SOURCES = ("generated", "image_folder", "array_record", "tfds")
@@ -110,8 +126,7 @@ class ImageFiles:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[int(index)]
-        with open(path, "rb") as f:
-            encoded = f.read()
+        encoded = storage.read_bytes(path)
         return {"image": encoded, "label": self.labels[int(index)], "origin": path}
 
 
@@ -138,6 +153,117 @@ class ExampleRecords:
         return {"image": image[0], "label": int(label[0]), "origin": f"record {index}"}
 
 
+# --- listings of bucket folders ------------------------------------------------------------------
+
+LISTING_CACHE_FOLDER = "data_listing"  # in the run directory
+LISTING_THREADS = 16  # concurrent listing calls to a bucket
+_listing_cache_dir: str | None = None
+# (kind, folder, listing cache dir) -> (fingerprint, expanded listing): one listing per
+# process and folder (the cache dir in the key: a listing made before set_listing_cache is
+# looked up, or made and written, again once there is a cache).
+_bucket_listings: dict[tuple[str, str, str | None], tuple[Any, Any]] = {}
+
+
+def set_listing_cache(workdir: str | None) -> None:
+    """Keeps the listings of bucket folders in <workdir>/data_listing/ (written by process 0),
+    where a restarted run finds them; None = in memory only. The trainer calls it with the run
+    directory before the data config is validated."""
+    global _listing_cache_dir
+    _listing_cache_dir = (None if workdir is None
+                          else storage.join(workdir, LISTING_CACHE_FOLDER))
+
+
+def parallel_map(function: Callable, items: list) -> list:
+    """[function(item) for item in items], LISTING_THREADS at a time (calls to a bucket wait
+    on the network, not on the interpreter)."""
+    if len(items) < 2:
+        return [function(item) for item in items]
+    with concurrent.futures.ThreadPoolExecutor(min(LISTING_THREADS, len(items))) as pool:
+        return list(pool.map(function, items))
+
+
+def bucket_walk(top: str):
+    """os.walk of a bucket folder, top-down: (folder relative to `top`, '' for `top` itself,
+    subfolder names, file names), one listing call per folder (which tells folders from files:
+    no call per object). Sorting the subfolder names in place orders the descent, as in os.walk.
+    A folder that does not exist yields ('', [], [])."""
+    def strip(path):
+        return os.fspath(path).split("://", 1)[-1].rstrip("/")
+
+    base = strip(top)
+    for root, folders, names in storage.walk(top):
+        yield strip(root)[len(base):].lstrip("/"), folders, names
+
+
+def bucket_subfolders(folder: str) -> list[str]:
+    """Sorted names of the subfolders of a bucket folder (one listing call)."""
+    for _, folders, _ in bucket_walk(folder):
+        return sorted(folders)
+    return []
+
+
+def _listing_file(kind: str, folder: str) -> str:
+    digest = hashlib.sha256(folder.encode()).hexdigest()[:16]
+    return storage.join(_listing_cache_dir, f"{kind}-{digest}.json")
+
+
+def _read_listing(kind: str, folder: str, fingerprint) -> Any | None:
+    """The cached listing of `folder`, None when there is none or its fingerprint differs."""
+    if _listing_cache_dir is None:
+        return None
+    path = _listing_file(kind, folder)
+    try:
+        if not storage.exists(path):
+            return None
+        cached = json.loads(storage.read_text(path))
+    except (OSError, ValueError) as error:
+        logging.warning("ignoring the listing cache %s (%s); listing %s again", path, error,
+                        folder)
+        return None
+    if cached.get("folder") != folder or cached.get("fingerprint") != fingerprint:
+        logging.info("the listing cache %s is stale (the subfolders of %s changed); listing "
+                     "again", path, folder)
+        return None
+    logging.info("%s: using the listing cached in %s", folder, path)
+    return cached.get("listing")
+
+
+def _write_listing(kind: str, folder: str, fingerprint, listing) -> None:
+    import jax  # only to know the lead process
+
+    if _listing_cache_dir is None or jax.process_index() != 0:
+        return
+    path = _listing_file(kind, folder)
+    try:
+        storage.makedirs(_listing_cache_dir)
+        storage.write_text(path, json.dumps({"kind": kind, "folder": folder,
+                                             "fingerprint": fingerprint, "listing": listing}))
+    except OSError as error:  # the run can go on; a restart lists again
+        logging.warning("could not write the listing cache %s: %s", path, error)
+
+
+def cached_listing(kind: str, folder: str, fingerprint, make: Callable[[], Any],
+                   expand: Callable[[Any], Any] = lambda listing: listing) -> Any:
+    """expand(make()) for the bucket folder `folder`, listed once: kept in memory for this
+    process and in the run's listing cache (`set_listing_cache`), each reused while
+    `fingerprint` (JSON: a cheap summary such as the subfolder names) is unchanged. `make`
+    returns the JSON listing (paths relative to `folder`, to keep the file small); `expand`
+    turns it into what the caller uses (full paths)."""
+    key = (kind, folder, _listing_cache_dir)
+    known = _bucket_listings.get(key)
+    if known is not None and known[0] == fingerprint:
+        return known[1]
+    listing = _read_listing(kind, folder, fingerprint)
+    if listing is None:
+        start = time.perf_counter()
+        listing = make()
+        logging.info("listed %s in %.1fs", folder, time.perf_counter() - start)
+        _write_listing(kind, folder, fingerprint, listing)
+    value = expand(listing)
+    _bucket_listings[key] = (fingerprint, value)
+    return value
+
+
 # --- locating files ------------------------------------------------------------------------------
 
 def _require_path(path: str) -> str:
@@ -147,23 +273,32 @@ def _require_path(path: str) -> str:
     return os.path.expanduser(path)
 
 
+def _subfolders(path: str) -> list[str]:
+    if storage.is_remote(path):
+        return bucket_subfolders(path)
+    return sorted(e.name for e in os.scandir(path) if e.is_dir())
+
+
 def _list_class_folders(root: str, split: str) -> dict[str, list[str]]:
     """class name -> sorted image files under root/split/class (searched recursively)."""
-    if not os.path.isdir(root):
+    if not storage.isdir(root):
         raise ValueError(f"config.data.path={root!r} does not exist or is not a directory")
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-        found = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    split_dir = storage.join(root, split)
+    if not storage.isdir(split_dir):
+        found = _subfolders(root)
         raise ValueError(f"config.data.path={root!r} has no split folder {split!r} (image_folder "
                          f"expects root/<split>/<class>/*.jpg|jpeg|png); folders there: {found}")
-    classes = _class_folders_cached(split_dir, _folder_signature(split_dir))
+    if storage.is_remote(split_dir):
+        classes = _bucket_class_folders(split_dir)
+    else:
+        classes = _class_folders_cached(split_dir, _folder_signature(split_dir))
     if not classes:
         raise ValueError(f"config.data.path={root!r}: {split_dir} has no class folders")
     for name, files in classes.items():
         if not files:
             raise ValueError(f"config.data.path={root!r}: class folder "
-                             f"{os.path.join(split_dir, name)} has no {'/'.join(IMAGE_EXTENSIONS)} "
-                             f"files")
+                             f"{storage.join(split_dir, name)} has no "
+                             f"{'/'.join(IMAGE_EXTENSIONS)} files")
     return classes
 
 
@@ -190,17 +325,52 @@ def _class_folders_cached(split_dir: str, signature: tuple) -> dict[str, list[st
     return classes
 
 
+def _bucket_image_files(class_dir: str) -> list[str]:
+    """Image files under a bucket class folder, relative to it, in the order of the local
+    listing (os.walk top-down with sorted names)."""
+    files = []
+    for folder, subfolders, names in bucket_walk(class_dir):
+        subfolders.sort()
+        files += [posixpath.join(folder, n) for n in sorted(names)
+                  if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return files
+
+
+def _bucket_class_folders(split_dir: str) -> dict[str, list[str]]:
+    """_class_folders_cached for a bucket: the class folders are walked (in parallel) once per
+    run (`cached_listing`, fingerprint: the class names)."""
+    names = bucket_subfolders(split_dir)
+
+    def make():
+        listed = parallel_map(lambda name: _bucket_image_files(storage.join(split_dir, name)),
+                              names)
+        return dict(zip(names, listed))
+
+    def expand(listing):
+        return {name: [storage.join(split_dir, name, f) for f in files]
+                for name, files in listing.items()}
+
+    return cached_listing("image_folder", split_dir, names, make, expand)
+
+
+def _existing_files(paths: list[str]) -> list[str]:
+    """The paths that are files (not folders), in order; bucket paths checked in parallel."""
+    if paths and storage.is_remote(paths[0]):
+        return [p for p, is_file in zip(paths, parallel_map(storage.isfile, paths)) if is_file]
+    return [p for p in paths if os.path.isfile(p)]
+
+
 def _array_record_files(path: str, split: str) -> list[str]:
     """Files of `split`: `path` may contain "{split}"; a directory means its
     `*<split>.array_record*` files (TFDS shard names), or all `*.array_record*` files when the
     directory itself was named through "{split}"."""
     path = _require_path(path)
     pattern = path.replace("{split}", split)
-    if os.path.isdir(pattern):
+    if storage.isdir(pattern):
         name = "*.array_record*" if "{split}" in path else f"*{split}.array_record*"
-        files = sorted(glob.glob(os.path.join(pattern, name)))
+        files = storage.glob(storage.join(pattern, name))
         if not files:
-            present = sorted(os.listdir(pattern))[:10]
+            present = sorted(storage.listdir(pattern))[:10]
             raise ValueError(f"config.data.path={path!r}: directory {pattern} has no {name} files "
                              f"for split {split!r}; it contains {present}")
         return files
@@ -208,7 +378,7 @@ def _array_record_files(path: str, split: str) -> list[str]:
         raise ValueError(f"config.data.path={path!r} is neither a directory nor a file glob "
                          f"containing '{{split}}' (needed to tell the train and eval files apart, "
                          f"e.g. '/data/foo-{{split}}.array_record-*')")
-    files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+    files = _existing_files(storage.glob(pattern))
     if not files:
         raise ValueError(f"config.data.path={path!r} matches no files for split {split!r} "
                          f"(glob {pattern!r}; does it exist?)")
@@ -226,15 +396,16 @@ def _tfds_files(data_dir: str, name: str, split: str) -> list[str]:
     if not name:
         raise ValueError("config.data.name='' is empty; the tfds source needs a dataset name "
                          "(e.g. 'cifar10' or 'imagenet2012:5.1.0')")
-    if not os.path.isdir(data_dir):
+    if not storage.isdir(data_dir):
         raise ValueError(f"config.data.path={data_dir!r} (the TFDS data dir) does not exist")
     name, _, pinned = name.partition(":")
-    dataset_dir = os.path.join(data_dir, name)
-    if not os.path.isdir(dataset_dir):
-        present = sorted(e.name for e in os.scandir(data_dir) if e.is_dir())
+    dataset_dir = storage.join(data_dir, name)
+    if not storage.isdir(dataset_dir):
+        present = _subfolders(data_dir)
         raise ValueError(f"config.data.name={name!r}: no folder {dataset_dir}; datasets in "
                          f"config.data.path={data_dir!r}: {present}")
-    versions = sorted((v for v in os.listdir(dataset_dir) if _version_key(v)), key=_version_key)
+    versions = sorted((v for v in storage.listdir(dataset_dir) if _version_key(v)),
+                      key=_version_key)
     if pinned:
         if pinned not in versions:
             raise ValueError(f"config.data.name={name + ':' + pinned!r}: version {pinned} not "
@@ -244,12 +415,12 @@ def _tfds_files(data_dir: str, name: str, split: str) -> list[str]:
         version = versions[-1]
     else:
         raise ValueError(f"config.data.name={name!r}: {dataset_dir} has no version folders "
-                         f"(like 1.0.0); it contains {sorted(os.listdir(dataset_dir))}")
-    version_dir = os.path.join(dataset_dir, version)
+                         f"(like 1.0.0); it contains {sorted(storage.listdir(dataset_dir))}")
+    version_dir = storage.join(dataset_dir, version)
     prefix = name.split("/")[0]  # TFDS names shards after the builder, without its config
-    files = sorted(glob.glob(os.path.join(version_dir, f"{prefix}-{split}.array_record-*")))
+    files = storage.glob(storage.join(version_dir, f"{prefix}-{split}.array_record-*"))
     if not files:
-        present = sorted(f for f in os.listdir(version_dir) if ".array_record" in f)
+        present = sorted(f for f in storage.listdir(version_dir) if ".array_record" in f)
         raise ValueError(f"config.data.name={name!r} version {version}: no "
                          f"{prefix}-{split}.array_record-* shards in {version_dir} (split "
                          f"{split!r}); ArrayRecord files there: {present[:10]}")

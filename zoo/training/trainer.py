@@ -35,7 +35,7 @@ from zoo.training import goodput as goodput_lib
 from zoo.training import init_from
 from zoo.training import mesh as mesh_lib
 from zoo.training import optim as optim_lib
-from zoo.training import pipeline, reporting
+from zoo.training import pipeline, reporting, sources
 from zoo.training import state as state_lib
 from zoo.training import step as step_lib
 from zoo.training import tasks, workdir_lock
@@ -113,6 +113,9 @@ def train_and_evaluate(config, workdir: str, *, profile_steps: tuple[int, int] |
     TrainingDiverged when the loss or a norm becomes NaN/inf. A second run on a workdir that a
     live run owns is a ConfigError (zoo/training/workdir_lock.py)."""
     goodput = goodput_lib.GoodputRecorder()  # the run's wall clock starts here
+    # Listings of bucket data folders are kept in the run directory, for restarts; set before
+    # the config checks, which already list the data.
+    sources.set_listing_cache(workdir)
     # ------------------------------------------------------------------------------------------
     # Config checks: every mistake is one line, before any compilation.
     # ------------------------------------------------------------------------------------------
