@@ -17,7 +17,6 @@ from flax import nnx
 
 import zoo
 from zoo import fit as fit_lib
-from zoo import layers
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "fit_pix2seq_random.npz"
 
@@ -54,13 +53,34 @@ def test_official_fit_encoder():
     assert _relative_error(latents, part["outputs/latents"]) < 1e-5
 
 
-def test_official_fit_ar():
-    part, state, spec = _fixture("fitar")
-    model = zoo.convert.from_pix2seq_fit(state, num_groups=spec["num_groups"])
+def _assert_official_logits(model, part):
     tokens = jnp.asarray(part["inputs/tokens"]).reshape(2, -1)
     logits = nnx.jit(lambda m, t: m(t))(model, tokens)
     expected = part["outputs/logits"].reshape(2, tokens.shape[1], -1)
     assert _relative_error(logits, expected) < 1e-5
+
+
+def test_official_fit_ar():
+    part, state, spec = _fixture("fitar")
+    model = zoo.convert.from_pix2seq_fit(state, num_groups=spec["num_groups"])
+    _assert_official_logits(model, part)
+
+
+def _denoise(model, part, side, args):
+    """(prediction as the fixture's patches, raw latents) on the fixture's inputs."""
+    image = fit_lib.group_patches_to_image(jnp.asarray(part["inputs/patches"]), side, 2,
+                                           *args["image_size"])
+    run = nnx.jit(lambda m, i, g, c, p: m(i, g, c, latents_prev=p))
+    prediction, latents = run(model, image, jnp.asarray(part["inputs/gamma"]),
+                              jnp.asarray(part["inputs/cond"]),
+                              jnp.asarray(part["inputs/latents_prev"]))
+    return fit_lib.image_to_group_patches(prediction, side, 2), latents
+
+
+def _assert_official_denoising(model, part, side, args):
+    patches, latents = _denoise(model, part, side, args)
+    assert _relative_error(patches, part["outputs/prediction"]) < 1e-5
+    assert _relative_error(latents, part["outputs/latents"]) < 1e-5  # raw, not normalised
 
 
 def test_official_fit_denoiser():
@@ -68,15 +88,7 @@ def test_official_fit_denoiser():
     args, side = _image_args(spec)
     model = zoo.convert.from_pix2seq_fit(state, num_groups=spec["num_groups"], **args)
     assert model.cond_dim == spec["cond_dim"] and model.self_condition
-    image = fit_lib.group_patches_to_image(jnp.asarray(part["inputs/patches"]), side, 2,
-                                           *args["image_size"])
-    run = nnx.jit(lambda m, i, g, c, p: m(i, g, c, latents_prev=p))
-    prediction, latents = run(model, image, jnp.asarray(part["inputs/gamma"]),
-                              jnp.asarray(part["inputs/cond"]),
-                              jnp.asarray(part["inputs/latents_prev"]))
-    patches = fit_lib.image_to_group_patches(prediction, side, 2)
-    assert _relative_error(patches, part["outputs/prediction"]) < 1e-5
-    assert _relative_error(latents, part["outputs/latents"]) < 1e-5  # raw, not normalised
+    _assert_official_denoising(model, part, side, args)
 
 
 # pix2seq's options (tools/make_fit_fixture.py "*_options"): sin-cos positions, the causal latent
@@ -110,10 +122,7 @@ def test_official_fit_ar_options():
     model = zoo.convert.from_pix2seq_fit(
             state, num_groups=spec["num_groups"], x_pos_encoding="sin_cos",
             latents_per_group=spec["latents_per_group"], seq_len=spec["x_size"])
-    tokens = jnp.asarray(part["inputs/tokens"]).reshape(2, -1)
-    logits = nnx.jit(lambda m, t: m(t))(model, tokens)
-    expected = part["outputs/logits"].reshape(2, tokens.shape[1], -1)
-    assert _relative_error(logits, expected) < 1e-5
+    _assert_official_logits(model, part)
 
 
 def test_official_fit_denoiser_options():
@@ -125,21 +134,12 @@ def test_official_fit_denoiser_options():
     trunk = model.trunk
     assert trunk.x_networks[0][0].attn is None and trunk.reads[0].mlp is not None
     assert trunk.reads[0].kv_norm is None and trunk.cond_attention[0].kv_norm is None
-    image = fit_lib.group_patches_to_image(jnp.asarray(part["inputs/patches"]), side, 2,
-                                           *args["image_size"])
-    run = nnx.jit(lambda m, i, g, c, p: m(i, g, c, latents_prev=p))
-    prediction, latents = run(model, image, jnp.asarray(part["inputs/gamma"]),
-                              jnp.asarray(part["inputs/cond"]),
-                              jnp.asarray(part["inputs/latents_prev"]))
-    patches = fit_lib.image_to_group_patches(prediction, side, 2)
-    assert _relative_error(patches, part["outputs/prediction"]) < 1e-5
-    assert _relative_error(latents, part["outputs/latents"]) < 1e-5
+    _assert_official_denoising(model, part, side, args)
     # without the mask the latents of early groups would see later ones: a different answer
     unmasked = zoo.convert.from_pix2seq_fit(
             state, num_groups=spec["num_groups"], x_pos_encoding="sin_cos",
             latents_per_group=spec["latents_per_group"], **args)
-    _, other = run(unmasked, image, jnp.asarray(part["inputs/gamma"]),
-                   jnp.asarray(part["inputs/cond"]), jnp.asarray(part["inputs/latents_prev"]))
+    _, other = _denoise(unmasked, part, side, args)
     assert _relative_error(other, part["outputs/latents"]) > 1e-3
 
 
