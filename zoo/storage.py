@@ -16,8 +16,8 @@ about it:
   * a rename is a copy and a delete (not atomic); `move` is used only for the quarantine of
     unreadable checkpoints, where a half-moved step is still not loaded;
   * gcsfs caches directory listings by default, so another process's (or tensorstore's) new
-    objects would stay invisible: the cache is switched off here before the first bucket
-    access.
+    objects would stay invisible: the cache is switched off when this module is imported,
+    before orbax or anything else makes a bucket filesystem object.
 
 Testing against a local emulator (tests/gcs_emulator.py) needs only environment variables:
 STORAGE_EMULATOR_HOST (gcsfs) and TENSORSTORE_GCS_HTTP_URL (tensorstore), with anonymous
@@ -34,7 +34,6 @@ import shutil
 import tempfile
 from typing import IO, Iterator
 
-_configured = False
 builtins_open = builtins.open  # this module defines its own `open`
 
 
@@ -43,20 +42,23 @@ def is_remote(path) -> bool:
     return "://" in os.fspath(path)
 
 
+def _configure_fsspec() -> None:
+    """Switches gcsfs's listing cache off before any bucket filesystem object exists (orbax
+    makes its own through etils.epath; fsspec keeps one per set of options, so this must come
+    first): a cached listing would hide objects other processes, tensorstore or orbax's
+    background threads wrote since, and a recursive delete would then leave them behind."""
+    try:
+        import fsspec.config
+    except ImportError:  # pragma: no cover - fsspec comes with orbax
+        return
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_configure_fsspec()
+
+
 def _epath(path):
-    global _configured
-    if not _configured:
-        try:
-            import fsspec.config
-        except ImportError:  # pragma: no cover - fsspec comes with orbax
-            pass
-        else:
-            # Listings cached by gcsfs would hide objects other processes (or tensorstore)
-            # wrote since; a run lists rarely, so correctness wins.
-            for protocol in ("gs", "gcs"):
-                fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache",
-                                                                       False)
-        _configured = True
     from etils import epath
     try:
         return epath.Path(os.fspath(path))
@@ -124,8 +126,10 @@ def walk(top) -> Iterator[tuple[str, list[str], list[str]]]:
     if not is_remote(top):
         yield from os.walk(top)
         return
+    scheme = os.fspath(top).split("://", 1)[0] + "://"
     for root, folders, names in _epath(top).walk():
-        yield str(root), folders, names
+        root = str(root)  # fsspec may give it without the scheme
+        yield (root if is_remote(root) else scheme + root.lstrip("/")), folders, names
 
 
 def glob(pattern: str) -> list[str]:
@@ -213,13 +217,21 @@ def rmtree(path) -> None:
 
 
 def move(source, destination) -> None:
-    """Moves a file or directory (a rename locally; copy and delete in a bucket)."""
+    """Moves a file or directory (a rename locally; in a bucket a server-side copy of every
+    object, then the deletion of the source: folders exist there only through their objects,
+    so the destination needs none)."""
     if is_remote(source) != is_remote(destination):
         raise ValueError(f"cannot move {source} to {destination}: one local, one remote")
-    if is_remote(source):
-        _epath(source).rename(_epath(destination))
-    else:
+    if not is_remote(source):
         shutil.move(source, destination)
+        return
+    _epath(source)  # configures the filesystem layer
+    import fsspec.core
+    filesystem, source_path = fsspec.core.url_to_fs(os.fspath(source))
+    _, destination_path = fsspec.core.url_to_fs(os.fspath(destination))
+    recursive = filesystem.isdir(source_path)
+    filesystem.copy(source_path, destination_path, recursive=recursive)
+    filesystem.rm(source_path, recursive=recursive)
 
 
 def modified_time(path) -> float:

@@ -4,7 +4,6 @@ previous one with a warning; a checkpoint that matches no target is an error, no
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import numpy as np
@@ -12,6 +11,7 @@ import optax
 import pytest
 
 from training_helpers import put, synthetic_batch, tiny_config
+from zoo import storage
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import mesh as mesh_lib
 from zoo.training import state as state_lib
@@ -105,28 +105,32 @@ def test_model_only_restore_gives_equal_eval_output(saved_on_4x2, mesh_shape, nu
 
 
 def _corrupt(step_dir: str, how: str) -> None:
-    state_dir = os.path.join(step_dir, "state")
-    data_files = [os.path.join(root, name) for root, _, names in os.walk(state_dir)
+    state_dir = storage.join(step_dir, "state")
+    data_files = [storage.join(root, name) for root, _, names in storage.walk(state_dir)
                   for name in names if "ocdbt" in root or name.startswith("manifest")]
     assert data_files, f"no array files found under {state_dir}"
     for path in data_files:
         if how == "truncated":
-            with open(path, "r+b") as f:
-                f.truncate(max(os.path.getsize(path) // 3, 1))
+            data = storage.read_bytes(path)
+            storage.write_bytes(path, data[:max(len(data) // 3, 1)])
         else:
-            os.remove(path)
+            storage.remove(path)
 
 
-@pytest.mark.parametrize("how", ["truncated", "deleted"])
-def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, how):
-    directory = str(tmp_path / "checkpoints")
+# "bucket": the run directory in the local GCS emulator (the quarantine is a copy and delete)
+@pytest.mark.parametrize("how, where", [("truncated", "local"), ("deleted", "local"),
+                                        ("truncated", "bucket")])
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, request, how,
+                                                               where):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("gcs_bucket")
+    directory = storage.join(root, "checkpoints")
     _, _, _, abstract, shardings = _setup((8, 1, 1))
     checkpointer = ckpt_lib.Checkpointer(directory, keep=3, async_save=False)
     good, bad = _random_state(abstract, shardings, 1), _random_state(abstract, shardings, 2)
     checkpointer.save(4, good, _CountingIterator(4))
     checkpointer.save(8, bad, _CountingIterator(8))
     checkpointer.wait()
-    _corrupt(os.path.join(directory, "8"), how)
+    _corrupt(storage.join(directory, "8"), how)
 
     iterator = _CountingIterator()
     target = state_lib.with_shardings(abstract, shardings)
@@ -137,7 +141,8 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog,
                                   np.asarray(good["model"]["pos_embed"]))
     assert any("checkpoint at step 8" in r.getMessage() and "falling back to step 4"
                in r.getMessage() for r in caplog.records)
-    assert os.path.isdir(tmp_path / "corrupt_checkpoints" / "8")
+    assert storage.isdir(storage.join(root, "corrupt_checkpoints", "8"))
+    assert not storage.exists(storage.join(directory, "8")), list(storage.walk(storage.join(directory, "8")))
     # The broken step no longer blocks the run from saving that step number again.
     checkpointer.save(8, restored, iterator)
     checkpointer.wait()
