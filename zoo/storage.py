@@ -147,18 +147,15 @@ def glob(pattern: str) -> list[str]:
     return sorted(str(p) for p in _epath(base).glob("/".join(parts[first:])))
 
 
-@contextlib.contextmanager
-def open(path, mode: str = "r") -> Iterator[IO]:  # noqa: A001 - the module's open
-    """A file object for reading ('r', 'rb') or writing a whole file ('w', 'wb')."""
+def open(path, mode: str = "r") -> IO:  # noqa: A001 - the module's open
+    """A file object (also a context manager) for reading ('r', 'rb') or writing a whole file
+    ('w', 'wb')."""
     if mode not in ("r", "rb", "w", "wb"):
         raise ValueError(f"mode={mode!r}; allowed: 'r', 'rb', 'w', 'wb' (buckets cannot "
                          f"append)")
     if is_remote(path):
-        with _epath(path).open(mode) as f:
-            yield f
-    else:
-        with builtins_open(path, mode) as f:
-            yield f
+        return _epath(path).open(mode)
+    return builtins_open(path, mode)
 
 
 def read_text(path) -> str:

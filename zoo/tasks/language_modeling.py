@@ -131,10 +131,8 @@ class BucketTokens:
 
     def _file(self):
         file = getattr(self._files, "file", None)
-        if file is None:
-            opened = storage.open(self.path, "rb")
-            file = opened.__enter__()  # closed when the thread's reference goes away
-            self._files.opened, self._files.file = opened, file
+        if file is None:  # closed when the thread's reference goes away
+            file = self._files.file = storage.open(self.path, "rb")
         return file
 
     def __getitem__(self, key) -> np.ndarray:

@@ -142,27 +142,19 @@ def write_multiview_dataset(path: str, split: str, scenes) -> None:
     """Writes scenes in the on-disk format of the module docstring."""
     from PIL import Image
 
-    remote = storage.is_remote(path)
     for i, scene in enumerate(scenes):
         folder = storage.join(path, split, f"scene_{i:04d}")
         storage.makedirs(folder)
         frames = []
         for v, (image, c2w) in enumerate(zip(scene["images"], scene["c2w"])):
             name = f"{v:03d}.png"
-            if remote:
-                encoded = io.BytesIO()
-                Image.fromarray(image).save(encoded, format="PNG")
-                storage.write_bytes(storage.join(folder, name), encoded.getvalue())
-            else:
-                Image.fromarray(image).save(os.path.join(folder, name))
+            encoded = io.BytesIO()
+            Image.fromarray(image).save(encoded, format="PNG")
+            storage.write_bytes(storage.join(folder, name), encoded.getvalue())
             frames.append({"file": name, "c2w": np.asarray(c2w).tolist()})
         meta = {k: float(scene[k]) for k in ("fx", "fy", "cx", "cy")}
         meta.update(near=NEAR_FAR[0], far=NEAR_FAR[1], frames=frames)
-        if remote:
-            storage.write_text(storage.join(folder, "transforms.json"), json.dumps(meta))
-        else:
-            with open(os.path.join(folder, "transforms.json"), "w") as f:
-                json.dump(meta, f)
+        storage.write_text(storage.join(folder, "transforms.json"), json.dumps(meta))
 
 
 def read_scene(folder: str, height: int, width: int) -> dict[str, Any]:
@@ -179,11 +171,8 @@ def read_scene(folder: str, height: int, width: int) -> dict[str, Any]:
     images, c2ws = [], []
     scale = None
     for frame in meta["frames"]:
-        image_path = storage.join(folder, frame["file"])
-        if storage.is_remote(image_path):
-            image = Image.open(io.BytesIO(storage.read_bytes(image_path))).convert("RGB")
-        else:
-            image = Image.open(image_path).convert("RGB")
+        encoded = storage.read_bytes(storage.join(folder, frame["file"]))
+        image = Image.open(io.BytesIO(encoded)).convert("RGB")
         scale = (height / image.size[1], width / image.size[0])
         images.append(np.asarray(image.resize((width, height), Image.BILINEAR)))
         c2w = np.asarray(frame["c2w"], np.float32)
